@@ -1,0 +1,163 @@
+"""checkpoint → bundle: load, build the decoder, trace to ONNX, write atomically, check parity."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptedge.exporter.checkpoints import LoadedCheckpoint
+from gptedge.exporter.checkpoints.detect import load_checkpoint
+from gptedge.exporter.config import ExportConfig
+from gptedge.exporter.model import Decoder
+from gptedge.exporter.onnx_export import EXTERNAL_DATA_NAME, save_with_shared_weights, trace_to_onnx
+from gptedge.runtime import contract
+from gptedge.runtime.bundle import (
+    MODEL_NAME,
+    Bundle,
+    Manifest,
+    atomic_output_dir,
+    load_bundle,
+    write_manifest,
+)
+from gptedge.runtime.errors import InputError
+
+log = logging.getLogger(__name__)
+
+LAST_MODEL_NAME = "model_last.onnx"
+
+
+def export(source: str | os.PathLike[str], config: ExportConfig, out_dir: str | os.PathLike[str]) -> Bundle:
+    """Export the checkpoint at ``source`` to a bundle folder ``out_dir`` and return it.
+
+    ``source`` is an HF folder, a nanoGPT ``ckpt.pt`` (or its folder) or a llama2.c ``.bin``.
+    The bundle is built in a temporary sibling folder and renamed at the end, so a failure or an
+    interrupt leaves nothing behind. With ``config.validate`` the parity report is in the manifest
+    and a mismatch raises :class:`~gptedge.runtime.errors.ParityError` (and writes no bundle).
+    """
+    checkpoint = load_checkpoint(Path(source), config)
+    return export_loaded(checkpoint, config, out_dir)
+
+
+def export_loaded(checkpoint: LoadedCheckpoint, config: ExportConfig,
+                  out_dir: str | os.PathLike[str]) -> Bundle:
+    """Export an already loaded checkpoint (see :func:`export`)."""
+    arch = checkpoint.arch
+    if config.max_context is not None:
+        arch = _with_context(arch, config.max_context)
+    _check_tokenizer_fits(checkpoint, arch)
+    decoder = build_decoder(arch, checkpoint.state_dict, checkpoint.source.get("path", "checkpoint"))
+    with atomic_output_dir(out_dir, overwrite=config.overwrite) as tmp:
+        _write_graphs(decoder, config, tmp)
+        manifest = _manifest(checkpoint, arch, config)
+        _write_side_files(checkpoint, tmp)
+        write_manifest(tmp, manifest)
+        if config.validate:
+            from gptedge.exporter.validate import check_parity
+            reference = checkpoint.reference() if checkpoint.reference else decoder
+            del checkpoint, decoder  # the ONNX graph is on disk; free what parity does not need
+            gc.collect()
+            manifest.parity = check_parity(tmp, reference, arch, config.tolerance)
+            write_manifest(tmp, manifest)
+    return load_bundle(out_dir)
+
+
+def _with_context(arch, max_context: int):
+    if arch.position == "learned" and max_context > arch.max_context:
+        raise InputError(f"--max-context {max_context}: this model learned positions for only "
+                         f"{arch.max_context} tokens; use at most {arch.max_context}")
+    return dataclasses.replace(arch, max_context=max_context)
+
+
+def _check_tokenizer_fits(checkpoint: LoadedCheckpoint, arch) -> None:
+    tokenizer = checkpoint.tokenizer
+    if tokenizer and tokenizer.info.vocab_size and tokenizer.info.vocab_size > arch.vocab_size:
+        raise InputError(f"tokenizer has {tokenizer.info.vocab_size} tokens but the model only "
+                         f"{arch.vocab_size}; pass the tokenizer that belongs to this checkpoint (--tokenizer)")
+
+
+def build_decoder(arch, state_dict: dict[str, torch.Tensor], where: str) -> Decoder:
+    """A :class:`Decoder` in eval mode holding ``state_dict`` (fp32); shape errors name the tensor."""
+    decoder = Decoder(arch)
+    expected = decoder.state_dict()
+    if arch.position == "learned" and "pos_embed.weight" in state_dict:
+        state_dict = dict(state_dict)
+        state_dict["pos_embed.weight"] = state_dict["pos_embed.weight"][: arch.max_context]
+    missing = sorted(set(expected) - set(state_dict) - _tied(arch))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs config {tuple(v.shape)}"
+             for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        details = "; ".join(filter(None, [
+            f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else "",
+            "shape mismatch " + ", ".join(wrong[:5]) if wrong else ""]))
+        raise InputError(f"{where}: weights do not match the model config ({details}); "
+                         "the checkpoint is corrupt or its config does not belong to it")
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            if name in state_dict:
+                tensor.copy_(state_dict[name].to(torch.float32))
+    if arch.tie_word_embeddings:
+        decoder.lm_head.weight = decoder.embed.weight
+    return decoder.eval()
+
+
+def _tied(arch) -> set[str]:
+    return {"lm_head.weight"} if arch.tie_word_embeddings else set()
+
+
+def _write_graphs(decoder: Decoder, config: ExportConfig, folder: Path) -> None:
+    graphs = {folder / MODEL_NAME: trace_to_onnx(decoder, config.opset)}
+    if config.last_logits_variant:
+        decoder.last_logits_only = True
+        try:
+            graphs[folder / LAST_MODEL_NAME] = trace_to_onnx(decoder, config.opset)
+        finally:
+            decoder.last_logits_only = False
+    save_with_shared_weights(graphs)
+
+
+def _manifest(checkpoint: LoadedCheckpoint, arch, config: ExportConfig) -> Manifest:
+    files: dict[str, dict[str, Any]] = {
+        "model": {"path": MODEL_NAME, "portable": True,
+                  "purpose": "full-logits graph of the contract (parity, scoring, TensorRT)"},
+        "weights": {"path": EXTERNAL_DATA_NAME, "portable": True,
+                    "purpose": "external weight data shared by the graphs"},
+    }
+    if config.last_logits_variant:
+        files["model_last"] = {"path": LAST_MODEL_NAME, "portable": True,
+                               "purpose": "LM head on the last position only (generation)"}
+    tokenizer_info = checkpoint.tokenizer.info if checkpoint.tokenizer else None
+    for name in (checkpoint.tokenizer.files if checkpoint.tokenizer else {}):
+        files[f"tokenizer:{name}"] = {"path": name, "portable": True, "purpose": "tokenizer"}
+    for name in checkpoint.extra_files:
+        files[f"source:{name}"] = {"path": name, "portable": True, "purpose": "copied from the source"}
+    manifest = Manifest(architecture=arch, files=files, source=dict(checkpoint.source),
+                        io=contract.io_description(arch.num_layers, arch.num_kv_heads, arch.head_dim,
+                                                   arch.vocab_size),
+                        tools=tool_versions(), history=[{"step": "export", "opset": config.opset}])
+    if tokenizer_info is not None:
+        manifest.tokenizer = tokenizer_info
+    return manifest
+
+
+def _write_side_files(checkpoint: LoadedCheckpoint, folder: Path) -> None:
+    files = dict(checkpoint.extra_files)
+    if checkpoint.tokenizer:
+        files.update(checkpoint.tokenizer.files)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+
+
+def tool_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    from gptedge.runtime import __version__
+    return {"gptedge": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}

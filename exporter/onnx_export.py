@@ -1,0 +1,189 @@
+"""Trace the decoder to ONNX with torch's dynamo exporter and tidy the graph for the contract.
+
+Tidying: nodes are named by where they live (``/layers.3/attn/qkv/MatMul``) so a TensorRT or
+quantizer message points at a layer; weight initializers get checkpoint-neutral names
+(``layers.3.attn.qkv.weight_t``, stored [in, out]); IR version is capped for onnxruntime.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import hashlib
+import logging
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import torch
+from onnx import external_data_helper, numpy_helper
+
+from gptedge.exporter.model import Decoder
+from gptedge.runtime import contract
+
+log = logging.getLogger(__name__)
+
+IR_VERSION = 10  # onnxruntime 1.2x–1.3x reads ≤ 10–13; TensorRT 10.3 parses 10.
+EXTERNAL_DATA_NAME = "model.onnx.data"
+_INLINE_LIMIT = 1024  # bytes; smaller tensors stay inside the .onnx file
+
+
+class _FlatIO(torch.nn.Module):
+    """Flat positional inputs/outputs so the ONNX names follow the contract exactly."""
+
+    def __init__(self, decoder: Decoder):
+        super().__init__()
+        self.m = decoder
+
+    def forward(self, input_ids, attention_mask, position_ids, *past_flat):
+        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
+        logits, presents = self.m(input_ids, attention_mask, position_ids, past)
+        return (logits, *[t for pair in presents for t in pair])
+
+
+def _example_inputs(decoder: Decoder):
+    arch = decoder.arch
+    batch, seq, past = 2, 3, 2
+    input_ids = torch.zeros(batch, seq, dtype=torch.int64)
+    attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    position_ids = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    kv = torch.zeros(batch, arch.num_kv_heads, past, arch.head_dim)
+    return (input_ids, attention_mask, position_ids, *[kv.clone() for _ in range(2 * arch.num_layers)])
+
+
+def _dynamic_shapes(num_layers: int, max_context: int):
+    Dim = torch.export.Dim
+    # past/total get their own dims: the exporter refuses a dim that is a sum of others.
+    batch = Dim(contract.BATCH, min=1, max=4096)
+    seq = Dim(contract.SEQ, min=1, max=max(max_context, 2))
+    past = Dim(contract.PAST, min=0, max=max(max_context, 2))
+    total = Dim(contract.TOTAL, min=1, max=2 * max(max_context, 2))
+    kv = tuple({0: batch, 2: past} for _ in range(2 * num_layers))
+    return {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
+            "position_ids": {0: batch, 1: seq}, "past_flat": kv}
+
+
+def trace_to_onnx(decoder: Decoder, opset: int) -> onnx.ModelProto:
+    """Export ``decoder`` (eval mode, fp32) to an in-memory ONNX model following the contract."""
+    arch = decoder.arch
+    wrapper = _FlatIO(decoder.eval())
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter_logs():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            wrapper, _example_inputs(decoder), dynamo=True, opset_version=opset, optimize=True,
+            dynamic_shapes=_dynamic_shapes(arch.num_layers, arch.max_context),
+            input_names=contract.input_names(arch.num_layers),
+            output_names=contract.output_names(arch.num_layers), verbose=False, report=False)
+    model = program.model_proto
+    tidy_graph(model, arch.num_layers)
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_exporter_logs():
+    """torch's exporter and its optimizer log every rewrite at INFO; keep the user's log readable."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _scope_of(node: onnx.NodeProto) -> list[str]:
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            scopes = ast.literal_eval(prop.value)
+            # ['', 'm', 'm.layers.0', 'm.layers.0.attn', ..., 'linear_3'] -> ['layers.0', 'attn']
+            parts = [s.split(".")[-1] if not s.startswith("m.layers.") or s.count(".") > 2
+                     else s[2:] for s in scopes[2:-1]]
+            return parts
+    return []
+
+
+def tidy_graph(model: onnx.ModelProto, num_layers: int) -> None:
+    """Rename nodes and weights by scope, drop tracing metadata, fix IR version and dim names."""
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    used: Counter[str] = Counter()
+    renames: dict[str, str] = {}
+    for node in graph.node:
+        scope = _scope_of(node)
+        base = "/" + "/".join([*scope, node.op_type])
+        used[base] += 1
+        node.name = base if used[base] == 1 else f"{base}_{used[base] - 1}"
+        if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in initializers:
+            if node.input[1] not in renames and scope:
+                renames[node.input[1]] = ".".join(scope) + ".weight_t"
+        del node.metadata_props[:]
+    del model.metadata_props[:]
+    del graph.value_info[:]
+    taken = set(initializers)
+    for old, new in renames.items():
+        if new in taken:
+            continue
+        initializers[old].name = new
+        taken.add(new)
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                if name == old:
+                    node.input[i] = new
+    model.ir_version = IR_VERSION
+    model.producer_name = "gptedge"
+    _name_dynamic_dims(graph)
+
+
+def _name_dynamic_dims(graph: onnx.GraphProto) -> None:
+    """Give the logits' dims contract names (the exporter may call them s0, s1...)."""
+    for value in graph.output:
+        if value.name == contract.LOGITS:
+            dims = value.type.tensor_type.shape.dim
+            for dim, name in zip(dims, (contract.BATCH, contract.SEQ)):
+                if not dim.HasField("dim_value"):
+                    dim.dim_param = name
+
+
+def save_with_shared_weights(models: dict[Path, onnx.ModelProto]) -> None:
+    """Save graphs so their weights live once, in ``model.onnx.data`` beside the first graph.
+
+    Later graphs point at the byte ranges of identical tensors already written; tensors they alone
+    hold are appended to the same file.
+    """
+    paths = list(models)
+    data_path = paths[0].parent / EXTERNAL_DATA_NAME
+    written: dict[str, tuple[int, int]] = {}
+    with open(data_path, "wb") as data_file:
+        for path in paths:
+            model = models[path]
+            for tensor in _large_tensors(model):
+                raw = numpy_helper.to_array(tensor).tobytes()
+                digest = hashlib.sha256(raw).hexdigest() + str(tensor.data_type)
+                if digest not in written:
+                    offset = data_file.tell()
+                    data_file.write(raw)
+                    data_file.write(b"\0" * (-len(raw) % 64))  # 64-byte alignment eases mmap
+                    written[digest] = (offset, len(raw))
+                offset, length = written[digest]
+                external_data_helper.set_external_data(tensor, EXTERNAL_DATA_NAME, offset, length)
+                tensor.ClearField("raw_data")
+                for field in ("float_data", "int32_data", "int64_data", "double_data"):
+                    tensor.ClearField(field)
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+            onnx.save_model(model, path)
+
+
+def _large_tensors(model: onnx.ModelProto):
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and _byte_size(tensor) > _INLINE_LIMIT:
+            yield tensor
+
+
+def _byte_size(tensor: onnx.TensorProto) -> int:
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize

@@ -1,0 +1,1 @@
+"""Backends behind one protocol: onnxruntime (CPU/CUDA) and TensorRT."""

@@ -1,0 +1,37 @@
+"""`gptedge export SOURCE -o BUNDLE`: checkpoint → bundle (needs gptedge[export])."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", help="export an HF folder, nanoGPT ckpt.pt or llama2.c .bin to a bundle")
+    p.add_argument("source", type=Path, help="HF folder, nanoGPT ckpt.pt (or its folder), or llama2.c .bin")
+    p.add_argument("-o", "--output", type=Path, required=True, help="bundle folder to write")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer file/folder (meta.pkl, tokenizer.json, tokenizer.bin, ...)")
+    p.add_argument("--no-tokenizer", action="store_true", help="export without a tokenizer (token ids only)")
+    p.add_argument("--max-context", type=int, help="tokens the bundle supports (default: the model's)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset, 18..20 (default 18)")
+    p.add_argument("--no-validate", action="store_true", help="skip the parity check")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from gptedge.exporter import ExportConfig, export
+    from gptedge.runtime.cli.report import parity_table
+
+    config = ExportConfig(max_context=args.max_context, opset=args.opset, tokenizer=args.tokenizer,
+                          allow_missing_tokenizer=args.no_tokenizer, validate=not args.no_validate,
+                          overwrite=args.overwrite)
+    console = Console()
+    with console.status(f"exporting {args.source} ..."):
+        bundle = export(args.source, config, args.output)
+    if bundle.manifest.parity:
+        console.print(parity_table(bundle.manifest.parity))
+    console.print(f"[green]wrote[/green] {bundle.path}")
+    return 0

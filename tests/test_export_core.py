@@ -1,0 +1,75 @@
+"""The decoder and its ONNX graph: contract names, shapes, parity, and full == incremental logits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import TINY_GPT2, TINY_LLAMA
+
+from gptedge.runtime import contract
+from gptedge.runtime.bundle import FORMAT_VERSION, load_bundle
+
+
+@pytest.mark.parametrize("arch", [TINY_GPT2, TINY_LLAMA], ids=["gpt2", "llama-gqa"])
+def test_bundle_keeps_the_contract(bundle_factory, arch):
+    path = bundle_factory(arch)
+    bundle = load_bundle(path)
+    assert bundle.manifest.format_version == FORMAT_VERSION
+    assert bundle.manifest.parity["passed"] and bundle.manifest.parity["max_abs"] <= 1e-4
+    model = onnx.load(str(path / "model.onnx"))
+    onnx.checker.check_model(str(path / "model.onnx"))
+    assert model.ir_version <= 10
+    assert 18 <= model.opset_import[0].version <= 20
+    assert [i.name for i in model.graph.input] == contract.input_names(arch.num_layers)
+    assert [o.name for o in model.graph.output] == contract.output_names(arch.num_layers)
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+    assert not any(n.op_type == "If" for n in model.graph.node)
+    assert any(n.name.startswith("/layers.1/attn/") for n in model.graph.node)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["architecture"]["num_kv_heads"] == arch.num_kv_heads
+
+
+def _run(session, arch, ids, mask, pos, past):
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **past}
+    names = [o.name for o in session.get_outputs()]
+    out = dict(zip(names, session.run(None, feeds)))
+    new_past = {contract.past_name(i, k): out[contract.present_name(i, k)]
+                for i in range(arch.num_layers) for k in ("key", "value")}
+    return out["logits"], new_past
+
+
+@pytest.mark.parametrize("arch", [TINY_GPT2, TINY_LLAMA], ids=["gpt2", "llama-gqa"])
+def test_full_sequence_equals_incremental_decode(bundle_factory, arch):
+    path = bundle_factory(arch)
+    session = ort.InferenceSession(str(path / "model.onnx"))
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, arch.vocab_size, (1, 10))
+    empty = {n: np.zeros((1, arch.num_kv_heads, 0, arch.head_dim), np.float32)
+             for n in contract.past_names(arch.num_layers)}
+    full, _ = _run(session, arch, ids, np.ones((1, 10), np.int64), np.arange(10)[None], empty)
+    logits, past = _run(session, arch, ids[:, :6], np.ones((1, 6), np.int64), np.arange(6)[None], empty)
+    steps = [logits]
+    for t in range(6, 10):
+        logits, past = _run(session, arch, ids[:, t:t + 1], np.ones((1, t + 1), np.int64), np.array([[t]]), past)
+        steps.append(logits)
+    incremental = np.concatenate(steps, axis=1)
+    np.testing.assert_allclose(incremental, full, atol=1e-5)
+
+
+def test_last_position_graph_matches_full_graph(llama_bundle):
+    arch = TINY_LLAMA
+    full = ort.InferenceSession(str(llama_bundle / "model.onnx"))
+    last = ort.InferenceSession(str(llama_bundle / "model_last.onnx"))
+    ids = np.arange(7)[None] % arch.vocab_size
+    empty = {n: np.zeros((1, arch.num_kv_heads, 0, arch.head_dim), np.float32)
+             for n in contract.past_names(arch.num_layers)}
+    a, _ = _run(full, arch, ids, np.ones((1, 7), np.int64), np.arange(7)[None], empty)
+    b, _ = _run(last, arch, ids, np.ones((1, 7), np.int64), np.arange(7)[None], empty)
+    assert b.shape == (1, 1, arch.vocab_size)
+    np.testing.assert_allclose(b[:, 0], a[:, -1], atol=1e-6)
+    # both graphs read one shared weight file
+    assert sorted(p.name for p in llama_bundle.glob("*.data")) == ["model.onnx.data"]

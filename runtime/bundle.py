@@ -71,6 +71,15 @@ class Architecture:
             problems.append(f"position={self.position!r} must be one of {POSITIONS}")
         if self.activation not in ACTIVATIONS:
             problems.append(f"activation={self.activation!r} must be one of {ACTIVATIONS}")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                problems.append(f"{name}={value!r} must be a positive number")
+        for name in ("norm_bias", "qkv_bias", "attn_out_bias", "mlp_bias", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            problems.append(f"rope_scaling={self.rope_scaling!r} must be an object or null")
         if not problems and self.num_heads % self.num_kv_heads:
             problems.append(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if problems:

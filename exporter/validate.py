@@ -50,7 +50,7 @@ def check_parity(bundle_dir: Path, reference: Any, arch: Architecture, tolerance
     past_onnx = {n: np.zeros(kv_shape, np.float32) for n in contract.past_names(arch.num_layers)}
     past_torch = [(torch.zeros(kv_shape), torch.zeros(kv_shape)) for _ in range(arch.num_layers)]
     stats: dict[str, list[float]] = {}
-    for step in range(DECODE_STEPS + 1):
+    for _step in range(DECODE_STEPS + 1):
         feeds = {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: mask, contract.POSITION_IDS: positions}
         outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {**feeds, **past_onnx})))
         with torch.no_grad():

@@ -15,6 +15,8 @@ from gptedge.runtime.errors import (  # noqa: E402
     GptEdgeError,
     InputError,
 )
+from gptedge.runtime.generate import Generator, load  # noqa: E402
+from gptedge.runtime.results import GenerationResult  # noqa: E402
 
 __all__ = [
     "Architecture",
@@ -22,9 +24,12 @@ __all__ = [
     "Bundle",
     "BundleError",
     "GenerationError",
+    "GenerationResult",
+    "Generator",
     "GptEdgeError",
     "InputError",
     "Manifest",
     "__version__",
+    "load",
     "load_bundle",
 ]

@@ -1,0 +1,216 @@
+"""ONNX Runtime backend (CPU, or CUDA with onnxruntime-gpu).
+
+Generation runs ``model_last.onnx`` (LM head on the last position; ``model.onnx`` when absent).
+The KV cache never goes through numpy: each step binds the previous step's ``present.*``
+OrtValues as ``past_key_values.*`` with IO binding and lets onnxruntime allocate the new presents
+on the device; only the logits come back to numpy. Scoring (:meth:`OrtBackend.full_logits`)
+uses ``model.onnx``, loaded on first use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from gptedge.runtime import contract
+from gptedge.runtime.bundle import Bundle
+from gptedge.runtime.errors import BackendUnavailableError, BundleError
+
+log = logging.getLogger(__name__)
+
+GPU_INSTALL = "pip install gptedge[gpu] (onnxruntime-gpu replaces onnxruntime: uninstall onnxruntime first)"
+_KV_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass
+class OrtState:
+    """The KV cache of one generation: ``past`` holds one OrtValue per ``past_key_values.*``
+    input (on the backend's device), ``binding`` the IO binding this state reuses every step."""
+
+    batch: int
+    past: list[Any]
+    binding: Any
+    length: int = 0
+
+
+class OrtBackend:
+    """One onnxruntime session for generation, one (lazy) for scoring; see the module doc."""
+
+    def __init__(self, bundle: Bundle, threads: int | None = None, device: str = "cpu") -> None:
+        self.bundle = bundle
+        self.device = device
+        self.name = "ort-cuda" if device == "cuda" else "ort-cpu"
+        self.threads = threads or physical_cores()
+        arch = bundle.manifest.architecture
+        self.kv_dtype = _KV_DTYPES.get(bundle.manifest.kv_cache_dtype)
+        if self.kv_dtype is None:
+            raise BundleError(f"{bundle.path}: manifest.precision.kv_cache_dtype="
+                              f"{bundle.manifest.kv_cache_dtype!r} is not float32/float16; re-export")
+        self.kv_shape = (arch.num_kv_heads, 0, arch.head_dim)
+        self.past_names = contract.past_names(arch.num_layers)
+        self.present_names = contract.present_names(arch.num_layers)
+        last = bundle.file("model_last")
+        self.model_path = last if last is not None and last.is_file() else bundle.model_path
+        self.session = self._open(self.model_path)
+        self.last_only = self.model_path != bundle.model_path
+        self._full_session: ort.InferenceSession | None = None
+        self._lock = threading.Lock()
+        log.info("%s: %s with %d threads (providers %s)", self.name, self.model_path.name, self.threads,
+                 self.session.get_providers())
+
+    def _open(self, path: os.PathLike[str]) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" \
+            else ["CPUExecutionProvider"]
+        try:
+            session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise BundleError(f"{path}: onnxruntime cannot load the graph ({exc}); re-export the bundle") from exc
+        if self.device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+            raise BackendUnavailableError(
+                "onnxruntime could not start its CUDA provider (CUDA/cuDNN libraries missing or no GPU); "
+                "check `nvidia-smi` and the CUDA/cuDNN versions onnxruntime-gpu needs, or use backend ort-cpu")
+        _check_io(session, path, self.past_names)
+        return session
+
+    # -- the Backend protocol -------------------------------------------------------------------
+    def new_state(self, batch: int) -> OrtState:
+        """An empty cache (past length 0) for ``batch`` rows, with its own IO binding."""
+        shape = [batch, *self.kv_shape]
+        past = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
+                for _ in self.past_names]
+        return OrtState(batch=batch, past=past, binding=self.session.io_binding())
+
+    def step(self, state: OrtState, input_ids: np.ndarray, attention_mask: np.ndarray,
+             position_ids: np.ndarray) -> np.ndarray:
+        """Run ``input_ids [B, S]``; the presents replace ``state.past``; returns logits ``[B, V]``."""
+        binding = state.binding
+        # bind_cpu_input uses the numpy memory as is (no copy), so it must be contiguous int64.
+        binding.bind_cpu_input(contract.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input(contract.ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
+        binding.bind_cpu_input(contract.POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
+        for name, value in zip(self.past_names, state.past):
+            binding.bind_ortvalue_input(name, value)
+        # Outputs are re-bound every step: their shapes grow, so onnxruntime must allocate them.
+        binding.clear_binding_outputs()
+        binding.bind_output(contract.LOGITS, "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, self.device, 0)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        state.past = [outputs[i + 1] for i in range(len(self.present_names))]
+        state.length += input_ids.shape[1]
+        logits = outputs[0].numpy()
+        return _last_row(logits)
+
+    def full_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                    position_ids: np.ndarray) -> np.ndarray:
+        """Logits of every position ``[B, S, V]`` (float32) from an empty cache, via ``model.onnx``."""
+        with self._lock:
+            if self._full_session is None:
+                self._full_session = self._open(self.bundle.model_path) if self.last_only else self.session
+        empty = np.zeros((input_ids.shape[0], *self.kv_shape), dtype=self.kv_dtype)
+        feeds = {contract.INPUT_IDS: input_ids, contract.ATTENTION_MASK: attention_mask,
+                 contract.POSITION_IDS: position_ids, **{name: empty for name in self.past_names}}
+        (logits,) = self._full_session.run([contract.LOGITS], feeds)
+        return logits.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        self.session = None  # type: ignore[assignment]
+        self._full_session = None
+
+    def __enter__(self) -> OrtBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _last_row(logits: np.ndarray) -> np.ndarray:
+    """[B, S, V] -> the last position [B, V] as float32."""
+    return logits[:, -1, :].astype(np.float32, copy=False)
+
+
+def _check_io(session: ort.InferenceSession, path: os.PathLike[str], past_names: list[str]) -> None:
+    names = {i.name for i in session.get_inputs()}
+    wanted = {contract.INPUT_IDS, contract.ATTENTION_MASK, contract.POSITION_IDS, *past_names}
+    if names != wanted:
+        missing, extra = sorted(wanted - names), sorted(names - wanted)
+        raise BundleError(f"{path}: graph inputs do not follow the gptedge contract (missing {missing[:4]}, "
+                          f"unexpected {extra[:4]}); re-export the bundle")
+
+
+def physical_cores() -> int:
+    """Physical CPU cores this process may use (hyperthreads do not speed up matmuls)."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            text = handle.read()
+    except OSError:
+        return max(1, allowed)
+    cores, physical = set(), "0"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "physical id":
+            physical = value.strip()
+        elif key.strip() == "core id":
+            cores.add((physical, value.strip()))
+    return max(1, min(allowed, len(cores) or allowed))
+
+
+def cpu_availability(bundle: Bundle) -> str | None:
+    """The CPU provider is in every onnxruntime build."""
+    if "CPUExecutionProvider" not in ort.get_available_providers():
+        return "this onnxruntime build has no CPUExecutionProvider; pip install onnxruntime"
+    return None
+
+
+def cuda_availability(bundle: Bundle) -> str | None:
+    """None when onnxruntime-gpu and a CUDA GPU are present and the bundle may run on a GPU."""
+    if bundle.manifest.cpu_only:
+        return ("the bundle is CPU-only (manifest.precision.cpu_only, e.g. int8 dynamic quantization); "
+                "use backend ort-cpu or quantize for the GPU")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return (f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (providers: "
+                f"{', '.join(ort.get_available_providers())}); {GPU_INSTALL}")
+    count, why = cuda_device_count()
+    if count == 0:
+        return f"no CUDA GPU found ({why}); check the NVIDIA driver with `nvidia-smi`"
+    return None
+
+
+def cuda_device_count() -> tuple[int, str]:
+    """Number of CUDA devices via the driver library (no torch needed), and why it is 0."""
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        return 0, "the CUDA driver library libcuda is not installed"
+    count = ctypes.c_int(0)
+    if lib.cuInit(0) != 0:
+        return 0, "cuInit failed: the driver found no usable GPU"
+    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0, "cuDeviceGetCount failed"
+    return count.value, "the driver reports 0 devices" if count.value == 0 else ""
+
+
+def create_cpu(bundle: Bundle, threads: int | None = None) -> OrtBackend:
+    return OrtBackend(bundle, threads, device="cpu")
+
+
+def create_cuda(bundle: Bundle, threads: int | None = None) -> OrtBackend:
+    return OrtBackend(bundle, threads, device="cuda")

@@ -1,0 +1,62 @@
+"""`gptedge generate BUNDLE "prompt"`: stream text to stdout, a one-line summary to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text from a bundle (streams to stdout)")
+    p.add_argument("bundle", help="bundle folder made by `gptedge export`")
+    p.add_argument("prompt", help="prompt text (or comma-separated token ids with --ids)")
+    p.add_argument("--ids", action="store_true", help="the prompt is comma-separated token ids, e.g. 1,450,3681")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: smallest set with probability >= p")
+    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeats (HF convention)")
+    p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
+    p.add_argument("--stop", action="append", help="stop before this text (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
+    p.add_argument("--truncate-prompt", action="store_true", help="keep the end of a prompt that is too long")
+    p.add_argument("--backend", default="auto", help="auto (default), ort-cpu, ort-cuda or tensorrt")
+    p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+    p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
+    p.set_defaults(func=run)
+
+
+def _prompt(args: argparse.Namespace):
+    if not args.ids:
+        return args.prompt
+    from gptedge.runtime.errors import InputError
+
+    try:
+        return [int(t) for t in args.prompt.replace(" ", "").split(",") if t]
+    except ValueError as exc:
+        raise InputError(f"--ids: prompt {args.prompt!r} is not comma-separated integers") from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    from gptedge.runtime import load
+
+    generator = load(args.bundle, backend=args.backend, threads=args.threads)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                  stop=args.stop, ignore_eos=args.ignore_eos, truncate_prompt=args.truncate_prompt)
+    if args.no_stream:
+        result = generator.generate(_prompt(args), **kwargs)
+        sys.stdout.write(result.text)
+    else:
+        stream = generator.stream(_prompt(args), **kwargs)
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        result = stream.result
+    sys.stdout.write("\n")
+    timings = result.timings
+    summary = (f"{len(result.tokens)} tokens ({result.finish_reason}), TTFT {timings['ttft_s'] * 1000:.1f} ms, "
+               f"decode {timings['decode_tokens_per_s']:.1f} tok/s, backend {generator.backend_name}")
+    sys.stdout.flush()
+    print(summary, file=sys.stderr)
+    return 0

@@ -1,0 +1,139 @@
+"""Choosing the next token from the last logits row: pure numpy functions, no state.
+
+Every function takes ``logits`` of shape ``[vocab]`` (float32 or float64) for ONE sequence and
+returns a new array (inputs are never modified). :class:`SamplingParams` validates the user's
+arguments once; :func:`choose_token` applies them in the usual order: repetition penalty ->
+greedy (temperature 0) or temperature -> top-k -> top-p -> draw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gptedge.runtime.errors import GenerationError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. ``temperature`` 0 means greedy (argmax); ``top_k`` keeps the k most
+    likely tokens; ``top_p`` keeps the smallest set whose probability reaches p (nucleus);
+    ``repetition_penalty`` > 1 discourages tokens already in the prompt or output (CTRL / HF
+    convention). ``seed`` makes sampling reproducible (one ``np.random.Generator`` per call)."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not np.isfinite(t) or t < 0:
+            raise GenerationError(f"temperature={t!r}: must be a number >= 0 (0 = greedy)")
+        if self.top_k is not None and (not isinstance(self.top_k, (int, np.integer))
+                                       or isinstance(self.top_k, bool) or self.top_k < 1):
+            raise GenerationError(f"top_k={self.top_k!r}: must be an integer >= 1 (or None for no limit)")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise GenerationError(f"top_p={self.top_p!r}: must be in (0, 1] (or None for no limit)")
+        rp = self.repetition_penalty
+        if rp is not None and not (isinstance(rp, (int, float)) and np.isfinite(rp) and rp > 0):
+            raise GenerationError(f"repetition_penalty={rp!r}: must be a number > 0 (1 = off, > 1 discourages repeats)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def rng(self) -> np.random.Generator:
+        """A fresh generator for one call (so concurrent calls never share random state)."""
+        return np.random.default_rng(self.seed)
+
+
+def check_finite(logits: np.ndarray) -> None:
+    """Raise :class:`GenerationError` when logits hold NaN or inf (the model overflowed)."""
+    if not np.isfinite(logits).all():
+        bad = int((~np.isfinite(logits)).sum())
+        raise GenerationError(
+            f"the model produced {bad} non-finite logits (NaN/inf). Likely cause: FP16 overflow in an "
+            "fp16/quantized bundle; try the fp32 bundle (or quantize with fewer layers in fp16)")
+
+
+def greedy(logits: np.ndarray) -> int:
+    """The id of the largest logit (the first one on ties, as torch.argmax)."""
+    return int(np.argmax(logits))
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """Divide positive logits and multiply negative ones by ``penalty`` for every token where the
+    boolean mask ``seen [vocab]`` is true (tokens already in prompt + output)."""
+    if penalty == 1.0:
+        return logits
+    out = logits.copy()
+    picked = out[seen]
+    out[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
+    return out
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Scale logits by ``1 / temperature`` (temperature > 0)."""
+    return logits.astype(np.float64) / temperature
+
+
+def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
+    """Set every logit below the k-th largest to -inf (ties with the k-th are kept)."""
+    if k >= logits.shape[-1]:
+        return logits
+    kth = np.partition(logits, -k)[-k]
+    return np.where(logits < kth, -np.inf, logits)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities in float64 (-inf logits get probability 0)."""
+    z = logits.astype(np.float64)
+    z = z - z.max()
+    e = np.exp(z)
+    return e / e.sum()
+
+
+def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
+    """Keep the smallest set of most likely tokens whose total probability is >= ``p`` (at least
+    one token); the rest become -inf."""
+    if p >= 1.0:
+        return logits
+    probs = softmax(logits)
+    order = np.argsort(-probs, kind="stable")
+    cumulative = np.cumsum(probs[order])
+    # A token stays when the mass of the tokens before it is still below p.
+    keep_sorted = (cumulative - probs[order]) < p
+    keep_sorted[0] = True
+    keep = np.zeros(logits.shape[-1], dtype=bool)
+    keep[order[keep_sorted]] = True
+    return np.where(keep, logits, -np.inf)
+
+
+def sample_from(logits: np.ndarray, rng: np.random.Generator) -> int:
+    """Draw one id from softmax(logits) using ``rng``."""
+    probs = softmax(logits)
+    # Inverse-CDF draw: one uniform number, reproducible for a given seed.
+    index = int(np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right"))
+    return min(index, probs.shape[-1] - 1)
+
+
+def choose_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+                 seen: np.ndarray | None = None) -> int:
+    """Pick the next id from one logits row ``[vocab]`` following ``params``.
+
+    ``seen [vocab]`` (bool) marks tokens already in prompt + output, for the repetition penalty.
+    """
+    check_finite(logits)
+    if params.repetition_penalty is not None and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, float(params.repetition_penalty))
+    if params.greedy:
+        return greedy(logits)
+    logits = apply_temperature(logits, float(params.temperature))
+    if params.top_k is not None:
+        logits = top_k_filter(logits, int(params.top_k))
+    if params.top_p is not None:
+        logits = top_p_filter(logits, float(params.top_p))
+    return sample_from(logits, rng)

@@ -1,0 +1,86 @@
+"""A conversation that keeps its KV cache between calls: each turn runs only the new tokens."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gptedge.runtime.errors import GenerationError
+from gptedge.runtime.kv_cache import KVSequence
+from gptedge.runtime.results import GenerationResult
+
+if TYPE_CHECKING:
+    from gptedge.runtime.generate import Generator, Prompt
+
+
+class ChatSession:
+    """Append text or ids, generate, append more, generate again ... without re-running earlier
+    turns. Generated tokens (EOS and stop-string tokens included) stay in the context.
+
+    Not thread-safe: one session belongs to one caller (a Generator can hold many sessions).
+    """
+
+    def __init__(self, generator: Generator) -> None:
+        self.generator = generator
+        self.ids: list[int] = []  # every token of the conversation, in order
+        self._pending: list[int] = []  # tokens in ``ids`` not yet run through the model
+        self._sequence: KVSequence | None = None
+
+    @property
+    def remaining(self) -> int:
+        """Tokens that still fit in the model's context."""
+        return self.generator.max_context - len(self.ids)
+
+    def append(self, prompt: Prompt) -> list[int]:
+        """Add text (encoded; BOS first when the session is empty and the manifest asks for it)
+        or token ids (as given). Returns the ids added. They are run at the next :meth:`generate`."""
+        if isinstance(prompt, str):
+            ids = self.generator.tokenizer.encode(prompt)
+            info = self.generator.tokenizer_info
+            if not self.ids and info.add_bos and info.bos_id is not None:
+                ids = [info.bos_id, *ids]
+        else:
+            ids = self.generator.encode(prompt)
+        if len(ids) > self.remaining:
+            raise GenerationError(f"appending {len(ids)} tokens to a session holding {len(self.ids)} exceeds the "
+                                  f"model's context of {self.generator.max_context} tokens; start a new session")
+        self.ids.extend(ids)
+        self._pending.extend(ids)
+        return ids
+
+    def generate(self, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, repetition_penalty: float | None = None,
+                 seed: int | None = None, stop: str | Sequence[str] | None = None,
+                 ignore_eos: bool = False) -> GenerationResult:
+        """Continue the conversation (arguments as :meth:`Generator.generate`)."""
+        gen = self.generator
+        call = gen._call(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, ignore_eos)
+        if not self._pending:
+            raise GenerationError("nothing to continue from: append() a prompt first")
+        if len(self.ids) + call.max_new_tokens > gen.max_context:
+            raise GenerationError(
+                f"session holds {len(self.ids)} tokens; + max_new_tokens={call.max_new_tokens} exceeds the "
+                f"model's context of {gen.max_context} tokens; lower max_new_tokens (at most "
+                f"{max(self.remaining, 0)}) or start a new session")
+        if self._sequence is None:
+            self._sequence = KVSequence(gen.backend, 1, gen.max_context)
+        row = gen._row(self.ids, call, track_text=False)
+        start = time.perf_counter()
+        logits = self._sequence.feed(np.asarray([self._pending], dtype=np.int64))
+        self._pending = []
+        for _ in gen.decode(self._sequence, logits, [row], call, [self.ids]):
+            pass
+        row.end_of_budget()
+        self.ids.extend(row.tokens)
+        # The last sampled token has not been run through the model yet: it opens the next turn.
+        self._pending = row.tokens[-1:]
+        result = row.result(start)
+        result.timings["prompt_tokens"] = len(self.ids) - len(row.tokens)
+        return result
+
+    def reset(self) -> None:
+        """Forget the conversation (the cache is freed)."""
+        self.ids, self._pending, self._sequence = [], [], None

@@ -1,0 +1,172 @@
+"""Quantization and pruning options: frozen dataclasses that validate themselves.
+
+Each config is written verbatim (``asdict``) into the output manifest's ``history``, so a bundle
+says how it was made. ``default_budget`` is the perplexity increase (percent) the quality gate
+allows when the caller gives none (None: the caller must give one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+from gptedge.runtime.errors import InputError
+
+# Numerically sensitive ops kept in FP32 inside FP16 graphs (norm statistics, softmax, exponentials).
+FP16_KEEP_FP32 = ("LayerNormalization", "SimplifiedLayerNormalization", "ReduceMean", "Pow", "Sqrt",
+                  "Reciprocal", "Div", "Softmax", "Exp", "Range", "CumSum")
+CALIB_METHODS = ("minmax", "percentile", "entropy")
+PRUNE_METHODS = ("magnitude", "wanda", "2:4", "structured")
+INT4_FORMATS = ("matmulnbits", "qdq")
+
+
+def _fail(problems: list[str], what: str) -> None:
+    if problems:
+        raise InputError(f"invalid {what}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Fp16Config:
+    """Weights and compute in FP16; ops in ``keep_fp32`` (and the RoPE angle path) stay FP32.
+
+    Logits stay FP32 (the graph output dtype); the KV cache (past/present) becomes FP16.
+    """
+
+    keep_fp32: tuple[str, ...] = FP16_KEEP_FP32
+    mode: ClassVar[str] = "fp16"
+    default_budget: ClassVar[float | None] = 0.5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keep_fp32", tuple(self.keep_fp32))
+        _fail([f"keep_fp32 entry {op!r} is not an ONNX op type name" for op in self.keep_fp32
+               if not isinstance(op, str) or not op.isidentifier()], "Fp16Config")
+
+
+@dataclass(frozen=True)
+class Int8DynamicConfig:
+    """Per-channel int8 weights, activations quantized at run time (ORT CPU ``MatMulInteger``).
+
+    Every linear layer is quantized, the LM head included. The bundle is CPU-only.
+    """
+
+    per_channel: bool = True
+    mode: ClassVar[str] = "int8-dynamic"
+    default_budget: ClassVar[float | None] = 2.0
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    """Static (calibrated) int8 in QDQ form for TensorRT and CPU.
+
+    Symmetric, zero-point 0 everywhere: activations per tensor, weights per output channel. Only the
+    inputs of linear layers (MatMul with a weight initializer, the LM head included) are quantized;
+    attention-score MatMuls and the mask path stay in float.
+
+    - ``calib_method``: ``minmax``, ``percentile`` (``percentile`` of |x|) or ``entropy`` (KL).
+    - ``calib_windows`` sequences of ``calib_seq_len`` tokens (None: half the context) are run as a
+      prefill and then ``calib_decode_steps`` real decode steps each, so decode ranges are seen.
+    - ``smoothquant_alpha``: migrate activation outliers into the preceding norm (None: off).
+    """
+
+    calib_method: str = "minmax"
+    percentile: float = 99.99
+    calib_windows: int = 16
+    calib_seq_len: int | None = None
+    calib_decode_steps: int = 8
+    smoothquant_alpha: float | None = None
+    mode: ClassVar[str] = "int8"
+    default_budget: ClassVar[float | None] = 2.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.calib_method not in CALIB_METHODS:
+            problems.append(f"calib_method={self.calib_method!r} must be one of {CALIB_METHODS}")
+        if not 50.0 < self.percentile <= 100.0:
+            problems.append(f"percentile={self.percentile} must be in (50, 100]")
+        for name in ("calib_windows", "calib_decode_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                problems.append(f"{name}={getattr(self, name)!r} must be a non-negative integer")
+        if self.calib_windows == 0:
+            problems.append("calib_windows must be at least 1")
+        if self.calib_seq_len is not None and self.calib_seq_len < 2:
+            problems.append(f"calib_seq_len={self.calib_seq_len} must be at least 2")
+        if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
+            problems.append(f"smoothquant_alpha={self.smoothquant_alpha} must be in [0, 1]")
+        _fail(problems, "Int8Config")
+
+
+@dataclass(frozen=True)
+class Int4Config:
+    """Weight-only int4, symmetric, in blocks of ``block_size`` input channels.
+
+    ``format="matmulnbits"``: onnxruntime's ``MatMulNBits`` (com.microsoft, CPU-only);
+    ``accuracy_level`` is its compute type (4 = int8 activations). ``format="qdq"``: standard
+    ONNX blocked ``DequantizeLinear`` (int4, opset 21) + ``MatMul``, which TensorRT runs as
+    weight-only INT4.
+    """
+
+    block_size: int = 32
+    accuracy_level: int = 4
+    format: str = "matmulnbits"
+    mode: ClassVar[str] = "int4"
+    default_budget: ClassVar[float | None] = 6.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.block_size not in (16, 32, 64, 128, 256):
+            problems.append(f"block_size={self.block_size} must be 16, 32, 64, 128 or 256")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            problems.append(f"accuracy_level={self.accuracy_level} must be 0..4")
+        if self.format not in INT4_FORMATS:
+            problems.append(f"format={self.format!r} must be one of {INT4_FORMATS}")
+        _fail(problems, "Int4Config")
+
+
+PrecisionConfig = Fp16Config | Int8DynamicConfig | Int8Config | Int4Config
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """One-shot pruning of the transformer blocks' linear layers (the LM head is left dense).
+
+    - ``magnitude``: zero the ``sparsity`` fraction of smallest |W| in every matrix.
+    - ``wanda``: score |W| * ||X|| (input-channel activation norm from calibration), prune per output.
+    - ``2:4``: in every group of 4 consecutive input weights keep the 2 best (Wanda score when
+      calibration text is given, else |W|); ``sparsity`` must be 0.5.
+    - ``structured``: remove whole MLP neurons (the matrices really shrink, decode gets faster).
+    ``then``: a precision config applied after pruning (e.g. ``Int8Config()``).
+    """
+
+    method: str = "magnitude"
+    sparsity: float = 0.5
+    then: PrecisionConfig | None = None
+    calib_windows: int = 16
+    mode: ClassVar[str] = "prune"
+    default_budget: ClassVar[float | None] = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.method not in PRUNE_METHODS:
+            problems.append(f"method={self.method!r} must be one of {PRUNE_METHODS}")
+        if not 0.0 < self.sparsity < 1.0:
+            problems.append(f"sparsity={self.sparsity} must be in (0, 1)")
+        if self.method == "2:4" and self.sparsity != 0.5:
+            problems.append("2:4 pruning has sparsity 0.5 exactly; pass sparsity=0.5")
+        if self.then is not None and not isinstance(self.then, PrecisionConfig.__args__):
+            problems.append(f"then={self.then!r} must be a precision config (Fp16Config, Int8Config, ...)")
+        _fail(problems, "PruneConfig")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "wanda" or isinstance(self.then, Int8Config)
+
+
+QuantConfig = PrecisionConfig | PruneConfig
+
+
+def config_record(config: QuantConfig) -> dict[str, Any]:
+    """The config as a JSON-ready dict with its mode (for the manifest history)."""
+    data = asdict(config)
+    if isinstance(config, PruneConfig) and config.then is not None:
+        data["then"] = config_record(config.then)
+    return {"mode": config.mode, "type": type(config).__name__, **data}

@@ -1,0 +1,118 @@
+"""Small helpers over ONNX graphs: find the linear layers, read/replace initializers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A linear layer in the graph: ``MatMul(x, W)`` with ``W`` a 2-D float initializer [in, out]."""
+
+    node: str  # node name, e.g. /layers.0/attn/qkv/MatMul
+    activation: str  # input tensor name
+    weight: str  # initializer name, e.g. layers.0.attn.qkv.weight_t
+    output: str
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {init.name: init for init in model.graph.initializer}
+
+
+def linear_layers(model: onnx.ModelProto) -> list[Linear]:
+    """Every MatMul whose second input is a 2-D float/fp16 initializer, in graph order.
+
+    These are the model's linear layers (qkv, out, up/gate_up, down and the LM head); the
+    attention-score MatMuls multiply two activations and are not listed.
+    """
+    inits = initializers(model)
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) != 2 or node.input[1] not in inits:
+            continue
+        weight = inits[node.input[1]]
+        if len(weight.dims) == 2 and weight.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            found.append(Linear(node.name, node.input[0], node.input[1], node.output[0]))
+    return found
+
+
+def get_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(initializers(model)[name])
+
+
+def set_array(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    """Replace (or add) the initializer ``name`` with ``value`` (shape may change)."""
+    tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
+    for i, init in enumerate(model.graph.initializer):
+        if init.name == name:
+            model.graph.initializer[i].CopyFrom(tensor)
+            return
+    model.graph.initializer.append(tensor)
+
+
+def remove_initializers(model: onnx.ModelProto, names: set[str]) -> None:
+    keep = [init for init in model.graph.initializer if init.name not in names]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in model.graph.node for out in node.output}
+
+
+def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    found: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            found.setdefault(name, []).append(node)
+    return found
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def set_opset(model: onnx.ModelProto, version: int) -> None:
+    """Raise the default-domain opset. Our graphs' ops keep their semantics from 18 to 21 (the
+    later versions only add types), so bumping the number is enough; checker + ORT verify it."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = max(entry.version, version)
+
+
+def float_outputs_of(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the float tensors ``names`` (for calibration)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    existing = {o.name for o in copy.graph.output}
+    for name in names:
+        if name not in existing:
+            copy.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            existing.add(name)
+    return copy
+
+
+def topological_sort(model: onnx.ModelProto) -> None:
+    """Reorder nodes so each comes after the producers of its inputs (converters may append
+    Cast nodes at the end; onnx.checker requires order). Stable for already sorted graphs."""
+    graph = model.graph
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(name in available for name in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise ValueError(f"graph has a cycle or missing inputs at {[n.name for n in rest[:3]]}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)

@@ -1,0 +1,108 @@
+"""Static int8 in QDQ form: ``Q/DQ`` on the linear layers' inputs and weights only, zero-point 0.
+
+Quantizing every activation (the attention-mask path included, as stock ``quantize_static``
+does) collapses a model, so this pass inserts its own nodes, and only these, before every linear
+MatMul (LM head included)::
+
+    x -> QuantizeLinear(s_x, 0) -> DequantizeLinear(s_x, 0) -\
+                                                               MatMul -> y
+    W_int8 [in, out] -> DequantizeLinear(s_w[out], 0, axis=1) -/
+
+Activations: symmetric per tensor, scale from calibration (prefill + decode). Weights: symmetric
+per output channel. Only standard ONNX ops (opset >= 13 for per-axis DQ); TensorRT and the ORT
+CPU both run it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from gptedge.quantize.calibration import calibration_span, collect_stats
+from gptedge.quantize.config import Int8Config
+from gptedge.quantize.graph_utils import linear_layers, opset_version, remove_initializers, set_opset
+from gptedge.quantize.job import Job
+from gptedge.quantize.registry import handler
+from gptedge.quantize.smoothquant import smooth
+from gptedge.quantize.text import require_tokens
+
+QMAX = 127
+
+
+@handler(Int8Config)
+def to_int8(job: Job, config: Int8Config) -> None:
+    job.require_source_precision("int8")
+    ids = job.require_calibration("int8 (static)")
+    require_tokens(ids, calibration_span(job.bundle, config.calib_seq_len, config.calib_decode_steps), "--calib")
+    if config.smoothquant_alpha is not None:
+        stats = _stats(job, config, ids)
+        job.record["smoothquant_layers"] = smooth(job.graphs, stats, config.smoothquant_alpha)
+    stats = _stats(job, config, ids)
+    scales = {w: max(s.threshold(config.calib_method, config.percentile), 1e-8) / QMAX for w, s in stats.items()}
+    for model in job.graphs.values():
+        insert_qdq(model, scales)
+    job.precision.update(weights="int8", activations="int8", cpu_only=False)
+    job.record.update(calib_method=config.calib_method, layers_quantized=sorted(scales),
+                      calib_tokens=int(sum(s.tokens for s in stats.values()) // max(len(stats), 1)))
+
+
+def _stats(job: Job, config: Int8Config, ids: np.ndarray):
+    return collect_stats(job.bundle, job.graphs["model"], ids, windows=config.calib_windows,
+                         seq_len=config.calib_seq_len, decode_steps=config.calib_decode_steps)
+
+
+def quantize_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel int8 of ``weight`` [in, out] -> (int8 [in, out], scale [out])."""
+    scale = np.abs(weight).max(axis=0).astype(np.float32) / QMAX
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(weight / scale), -QMAX, QMAX).astype(np.int8)
+    return q, scale
+
+
+def insert_qdq(model: onnx.ModelProto, act_scales: dict[str, float]) -> None:
+    """Insert activation Q/DQ and int8 weight DQ before every linear layer whose weight is in
+    ``act_scales`` (weight name -> activation scale). The float weights are removed."""
+    if opset_version(model) < 13:
+        set_opset(model, 13)
+    inits = {init.name: init for init in model.graph.initializer}
+    done_acts: dict[str, str] = {}
+    new_nodes, new_inits, dropped = [], [], set()
+    targets = {lin.node: lin for lin in linear_layers(model) if lin.weight in act_scales}
+    for node in model.graph.node:
+        lin = targets.get(node.name)
+        if lin is not None:
+            if lin.activation not in done_acts:
+                nodes, tensors, dq_name = _activation_qdq(lin.activation, act_scales[lin.weight], lin.weight)
+                new_nodes += nodes
+                new_inits += tensors
+                done_acts[lin.activation] = dq_name
+            weight = numpy_helper.to_array(inits[lin.weight]).astype(np.float32)
+            q, scale = quantize_weight(weight)
+            base = lin.weight
+            new_inits += [numpy_helper.from_array(q, base + "_quantized"),
+                          numpy_helper.from_array(scale, base + "_scale"),
+                          numpy_helper.from_array(np.zeros(scale.shape, np.int8), base + "_zero_point")]
+            new_nodes.append(helper.make_node("DequantizeLinear", [base + "_quantized", base + "_scale",
+                                                                   base + "_zero_point"], [base + "_dequantized"],
+                                              axis=1, name=node.name + "/weight/DequantizeLinear"))
+            node.input[0], node.input[1] = done_acts[lin.activation], base + "_dequantized"
+            dropped.add(lin.weight)
+        new_nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    remove_initializers(model, dropped)
+    model.graph.initializer.extend(new_inits)
+
+
+def _activation_qdq(tensor: str, scale: float, weight: str):
+    prefix = weight.removesuffix(".weight_t").removesuffix("_t")
+    scale_name, zp_name = f"{prefix}.input_scale", f"{prefix}.input_zero_point"
+    q_name, dq_name = f"{tensor}_quantized", f"{tensor}_dequantized"
+    node_base = "/" + prefix.replace(".", "/").replace("layers/", "layers.") + "/input"
+    nodes = [helper.make_node("QuantizeLinear", [tensor, scale_name, zp_name], [q_name], name=node_base + "/QuantizeLinear"),
+             helper.make_node("DequantizeLinear", [q_name, scale_name, zp_name], [dq_name],
+                              name=node_base + "/DequantizeLinear")]
+    tensors = [numpy_helper.from_array(np.array(scale, np.float32), scale_name),
+               numpy_helper.from_array(np.array(0, np.int8), zp_name)]
+    return nodes, tensors, dq_name

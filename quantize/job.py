@@ -1,0 +1,44 @@
+"""The state a quantization handler works on: the graphs in memory plus manifest fields to update."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from gptedge.runtime.bundle import Architecture, Bundle
+from gptedge.runtime.errors import InputError
+
+
+@dataclass
+class Job:
+    """``graphs``: role (``model``, ``model_last``) -> graph, modified in place by handlers.
+    ``calib_ids``: calibration token ids or None. ``record``: facts the handler adds to the
+    manifest history entry (block size, calibration method, layers quantized...)."""
+
+    bundle: Bundle
+    graphs: dict[str, onnx.ModelProto]
+    calib_ids: np.ndarray | None = None
+    architecture: Architecture | None = None
+    precision: dict[str, Any] = field(default_factory=dict)
+    io: dict[str, Any] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        manifest = self.bundle.manifest
+        self.architecture = self.architecture or manifest.architecture
+        self.precision = self.precision or dict(manifest.precision)
+        self.io = self.io or dict(manifest.io)
+
+    def require_calibration(self, what: str) -> np.ndarray:
+        if self.calib_ids is None:
+            raise InputError(f"{what} needs calibration text: pass --calib FILE (calib_text=...)")
+        return self.calib_ids
+
+    def require_source_precision(self, what: str) -> None:
+        weights = self.precision.get("weights", "float32")
+        if weights != "float32":
+            raise InputError(f"{what} needs a float32 bundle, this one is already {weights}; "
+                             "quantize the exported (float32) bundle instead")

@@ -39,9 +39,10 @@ def quantize_graph(model: onnx.ModelProto, config: Int8DynamicConfig) -> onnx.Mo
         out = Path(tmp) / "q.onnx"
         root.setLevel(logging.ERROR)  # ORT logs a generic "consider pre-processing" hint on the root logger
         try:
-                quantize_dynamic(model, out, op_types_to_quantize=["MatMul"],
-                             nodes_to_quantize=[lin.node for lin in layers], per_channel=config.per_channel, weight_type=QuantType.QInt8,
-                             use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+            quantize_dynamic(model, out, op_types_to_quantize=["MatMul"],
+                             nodes_to_quantize=[lin.node for lin in layers], per_channel=config.per_channel,
+                             weight_type=QuantType.QInt8, use_external_data_format=True,
+                             extra_options={"MatMulConstBOnly": True})
         finally:
             root.setLevel(level)
         quantized = onnx.load(str(out), load_external_data=True)

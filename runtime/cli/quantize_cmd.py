@@ -1,0 +1,81 @@
+"""`gptedge quantize BUNDLE -o OUT --mode ...`: fp16 / int8 / int4 / pruning with a quality gate."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+MODES = ("fp16", "int8-dynamic", "int8", "int4", "int4-qdq", "prune")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("quantize", help="quantize or prune a bundle (fp16, int8, int4, prune)")
+    p.add_argument("bundle", type=Path, help="source bundle folder (float32)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="bundle folder to write")
+    p.add_argument("--mode", choices=MODES, required=True)
+    p.add_argument("--calib", type=Path, help="calibration text (int8, wanda); its last 10 %% gates quality "
+                                              "when --eval is not given")
+    p.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
+    p.add_argument("--smoothquant", type=float, metavar="ALPHA", help="SmoothQuant strength for int8 (e.g. 0.5)")
+    p.add_argument("--block-size", type=int, default=32, help="int4 block size (default 32)")
+    p.add_argument("--prune-method", choices=("magnitude", "wanda", "2:4", "structured"), default="magnitude")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction pruned (default 0.5)")
+    p.add_argument("--then", choices=("fp16", "int8-dynamic", "int8", "int4", "int4-qdq"),
+                   help="precision applied after pruning")
+    p.add_argument("--eval", type=Path, help="text file for the quality gate")
+    p.add_argument("--max-ppl-increase", type=float, metavar="PCT",
+                   help="allowed perplexity increase in %% (default: fp16 0.5, int8 2, int4 6; prune: required)")
+    p.add_argument("--max-tokens", type=int, help="evaluate on the first N tokens only")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=run)
+
+
+def precision_config(mode: str, args: argparse.Namespace):
+    from gptedge.quantize import Fp16Config, Int4Config, Int8Config, Int8DynamicConfig
+
+    if mode == "fp16":
+        return Fp16Config()
+    if mode == "int8-dynamic":
+        return Int8DynamicConfig()
+    if mode == "int8":
+        return Int8Config(calib_method=args.calib_method, smoothquant_alpha=args.smoothquant)
+    return Int4Config(block_size=args.block_size, format="qdq" if mode == "int4-qdq" else "matmulnbits")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from gptedge.quantize import PruneConfig, quantize
+
+    if args.mode == "prune":
+        then = precision_config(args.then, args) if args.then else None
+        config = PruneConfig(method=args.prune_method, sparsity=args.sparsity, then=then)
+    else:
+        config = precision_config(args.mode, args)
+    console = Console()
+    with console.status(f"{args.mode}: {args.bundle} -> {args.output} ..."):
+        bundle = quantize(args.bundle, config, args.output, calib_text=args.calib, eval_text=args.eval,
+                          max_ppl_increase=args.max_ppl_increase, max_tokens=args.max_tokens,
+                          overwrite=args.overwrite)
+    quality = bundle.manifest.history[-1].get("quality")
+    if quality:
+        console.print(quality_table(quality, args.mode))
+    else:
+        console.print("[yellow]quality gate skipped[/yellow]: pass --eval FILE or --calib FILE")
+    console.print(f"[green]wrote[/green] {bundle.path}")
+    return 0
+
+
+def quality_table(quality: dict, mode: str):
+    from rich.table import Table
+
+    budget = quality.get("budget_pct")
+    title = f"{mode} vs source ({quality['tokens']} tokens" + (f", budget +{budget:g} %)" if budget is not None else ")")
+    table = Table(title=title)
+    for column in ("bundle", "size MB", "perplexity", "delta %", "decode tok/s"):
+        table.add_column(column, justify="left" if column == "bundle" else "right")
+    table.add_row("source", f"{quality['size_mb_source']:.2f}", f"{quality['ppl_source']:.4f}", "",
+                  f"{quality['decode_tok_s_source']:.0f}")
+    table.add_row(mode, f"{quality['size_mb']:.2f}", f"{quality['ppl']:.4f}", f"{quality['ppl_increase_pct']:+.3f}",
+                  f"{quality['decode_tok_s']:.0f}")
+    return table

@@ -14,8 +14,8 @@ import torch
 from gptedge.exporter.checkpoints import LoadedCheckpoint
 from gptedge.exporter.checkpoints.detect import load_checkpoint
 from gptedge.exporter.config import ExportConfig
-from gptedge.exporter.model import Decoder
-from gptedge.exporter.onnx_export import EXTERNAL_DATA_NAME, save_with_shared_weights, trace_to_onnx
+from gptedge.exporter.model import Decoder, rope_inv_freq
+from gptedge.exporter.onnx_export import trace_to_onnx
 from gptedge.runtime import contract
 from gptedge.runtime.bundle import (
     MODEL_NAME,
@@ -26,6 +26,7 @@ from gptedge.runtime.bundle import (
     write_manifest,
 )
 from gptedge.runtime.errors import InputError
+from gptedge.runtime.onnx_io import EXTERNAL_DATA_NAME, SharedWeightsWriter
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,8 @@ def _check_tokenizer_fits(checkpoint: LoadedCheckpoint, arch) -> None:
 
 def build_decoder(arch, state_dict: dict[str, torch.Tensor], where: str) -> Decoder:
     """A :class:`Decoder` in eval mode holding ``state_dict`` (fp32); shape errors name the tensor."""
-    decoder = Decoder(arch)
+    with torch.device("meta"):  # no second copy of the weights: the state dict's tensors are assigned
+        decoder = Decoder(arch)
     expected = decoder.state_dict()
     if arch.position == "learned" and "pos_embed.weight" in state_dict:
         state_dict = dict(state_dict)
@@ -98,12 +100,14 @@ def build_decoder(arch, state_dict: dict[str, torch.Tensor], where: str) -> Deco
             "shape mismatch " + ", ".join(wrong[:5]) if wrong else ""]))
         raise InputError(f"{where}: weights do not match the model config ({details}); "
                          "the checkpoint is corrupt or its config does not belong to it")
-    with torch.no_grad():
-        for name, tensor in expected.items():
-            if name in state_dict:
-                tensor.copy_(state_dict[name].to(torch.float32))
+    weights = {k: v.to(torch.float32).contiguous() for k, v in state_dict.items()}
+    if arch.tie_word_embeddings:
+        weights["lm_head.weight"] = weights["embed.weight"]
+    decoder.load_state_dict(weights, strict=True, assign=True)
     if arch.tie_word_embeddings:
         decoder.lm_head.weight = decoder.embed.weight
+    if arch.position == "rope":  # a non-persistent buffer: rebuild it off the meta device
+        decoder.inv_freq = rope_inv_freq(arch)
     return decoder.eval()
 
 
@@ -112,14 +116,18 @@ def _tied(arch) -> set[str]:
 
 
 def _write_graphs(decoder: Decoder, config: ExportConfig, folder: Path) -> None:
-    graphs = {folder / MODEL_NAME: trace_to_onnx(decoder, config.opset)}
-    if config.last_logits_variant:
-        decoder.last_logits_only = True
-        try:
-            graphs[folder / LAST_MODEL_NAME] = trace_to_onnx(decoder, config.opset)
-        finally:
-            decoder.last_logits_only = False
-    save_with_shared_weights(graphs)
+    # One graph in memory at a time: trace, save, free (peak RSS stays near 2-3x the weights).
+    variants = [(MODEL_NAME, False)] + ([(LAST_MODEL_NAME, True)] if config.last_logits_variant else [])
+    with SharedWeightsWriter(folder) as writer:
+        for name, last_only in variants:
+            decoder.last_logits_only = last_only
+            try:
+                model = trace_to_onnx(decoder, config.opset)
+            finally:
+                decoder.last_logits_only = False
+            writer.save(model, name)
+            del model
+            gc.collect()
 
 
 def _manifest(checkpoint: LoadedCheckpoint, arch, config: ExportConfig) -> Manifest:

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import hashlib
 import logging
 import warnings
 from collections import Counter
-from pathlib import Path
 
 import onnx
 import torch
-from onnx import external_data_helper, numpy_helper
 
 from gptedge.exporter.model import Decoder
 from gptedge.runtime import contract
@@ -25,8 +22,6 @@ from gptedge.runtime import contract
 log = logging.getLogger(__name__)
 
 IR_VERSION = 10  # onnxruntime 1.2x–1.3x reads ≤ 10–13; TensorRT 10.3 parses 10.
-EXTERNAL_DATA_NAME = "model.onnx.data"
-_INLINE_LIMIT = 1024  # bytes; smaller tensors stay inside the .onnx file
 
 
 class _FlatIO(torch.nn.Module):
@@ -145,45 +140,3 @@ def _name_dynamic_dims(graph: onnx.GraphProto) -> None:
             for dim, name in zip(dims, (contract.BATCH, contract.SEQ)):
                 if not dim.HasField("dim_value"):
                     dim.dim_param = name
-
-
-def save_with_shared_weights(models: dict[Path, onnx.ModelProto]) -> None:
-    """Save graphs so their weights live once, in ``model.onnx.data`` beside the first graph.
-
-    Later graphs point at the byte ranges of identical tensors already written; tensors they alone
-    hold are appended to the same file.
-    """
-    paths = list(models)
-    data_path = paths[0].parent / EXTERNAL_DATA_NAME
-    written: dict[str, tuple[int, int]] = {}
-    with open(data_path, "wb") as data_file:
-        for path in paths:
-            model = models[path]
-            for tensor in _large_tensors(model):
-                raw = numpy_helper.to_array(tensor).tobytes()
-                digest = hashlib.sha256(raw).hexdigest() + str(tensor.data_type)
-                if digest not in written:
-                    offset = data_file.tell()
-                    data_file.write(raw)
-                    data_file.write(b"\0" * (-len(raw) % 64))  # 64-byte alignment eases mmap
-                    written[digest] = (offset, len(raw))
-                offset, length = written[digest]
-                external_data_helper.set_external_data(tensor, EXTERNAL_DATA_NAME, offset, length)
-                tensor.ClearField("raw_data")
-                for field in ("float_data", "int32_data", "int64_data", "double_data"):
-                    tensor.ClearField(field)
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-            onnx.save_model(model, path)
-
-
-def _large_tensors(model: onnx.ModelProto):
-    for tensor in model.graph.initializer:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL and _byte_size(tensor) > _INLINE_LIMIT:
-            yield tensor
-
-
-def _byte_size(tensor: onnx.TensorProto) -> int:
-    count = 1
-    for dim in tensor.dims:
-        count *= dim
-    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize

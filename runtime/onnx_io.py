@@ -1,0 +1,78 @@
+"""Save several ONNX graphs of one bundle so that their weights live once, in one external file.
+
+Used by the exporter (``model.onnx`` + ``model_last.onnx``) and the quantizer. Graphs are written one
+at a time, so only one graph's tensors need to be in memory at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import onnx
+from onnx import external_data_helper
+
+EXTERNAL_DATA_NAME = "model.onnx.data"
+INLINE_LIMIT = 1024  # bytes; smaller tensors stay inside the .onnx file
+_ALIGN = 64  # bytes; aligned tensors can be memory-mapped
+
+
+class SharedWeightsWriter:
+    """Append the large initializers of each saved graph to ``folder/model.onnx.data``; a tensor
+    whose bytes and dtype were already written is pointed at the existing byte range."""
+
+    def __init__(self, folder: Path, data_name: str = EXTERNAL_DATA_NAME):
+        self.folder = Path(folder)
+        self.data_name = data_name
+        self._written: dict[str, tuple[int, int]] = {}
+        self._file = open(self.folder / data_name, "wb")  # noqa: SIM115 - closed in close()
+
+    def save(self, model: onnx.ModelProto, name: str) -> Path:
+        """Move ``model``'s large tensors to the shared file (emptying them in ``model``) and save
+        the graph as ``folder/name``."""
+        for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor_nbytes(tensor) <= INLINE_LIMIT:
+                continue
+            raw = _raw_bytes(tensor)
+            key = hashlib.sha256(raw).hexdigest() + f":{tensor.data_type}"
+            if key not in self._written:
+                offset = self._file.tell()
+                self._file.write(raw)
+                self._file.write(b"\0" * (-len(raw) % _ALIGN))
+                self._written[key] = (offset, len(raw))
+            offset, length = self._written[key]
+            if not tensor.HasField("raw_data"):
+                tensor.raw_data = raw  # set_external_data insists on raw_data being present
+            external_data_helper.set_external_data(tensor, self.data_name, offset, length)
+            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+                tensor.ClearField(field)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+        self._file.flush()
+        path = self.folder / name
+        onnx.save_model(model, path)
+        return path
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> SharedWeightsWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data (int4/uint4 packed two per byte)."""
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (count + 1) // 2
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    return onnx.numpy_helper.to_array(tensor).tobytes()

@@ -202,7 +202,7 @@ def generation_graph(bundle: Bundle) -> tuple[str, Path]:
     return "model", bundle.model_path
 
 
-def plan_memory(bundle_dir: str | os.PathLike[str], target: str, max_context: int | None = None,
+def plan_memory(bundle_dir: str | os.PathLike[str], target: str | Target, max_context: int | None = None,
                 max_batch: int = 1, workspace_mb: int = DEFAULT_WORKSPACE_MB,
                 memory_gb: float | None = None, role: str | None = None) -> MemoryPlan:
     """The memory plan of a bundle on ``target`` for every precision (see the module docstring)."""
@@ -213,7 +213,7 @@ def plan_memory(bundle_dir: str | os.PathLike[str], target: str, max_context: in
         raise InputError(f"--max-context {context}: must be 1..{arch.max_context} (the bundle's max_context)")
     if max_batch < 1:
         raise InputError(f"--max-batch {max_batch}: must be >= 1")
-    tgt = get_target(target)
+    tgt = target if isinstance(target, Target) else get_target(target)
     usable = tgt.usable_bytes(memory_gb)
     role, path = (role, bundle.path / bundle.manifest.files[role]["path"]) if role else generation_graph(bundle)
     inventory = weight_inventory(onnx.load(str(path), load_external_data=False))

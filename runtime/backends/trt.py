@@ -1,0 +1,260 @@
+"""TensorRT backend: runs an engine built by ``gptedge build`` from the bundle's ``engines/``.
+
+Per backend: one CUDA stream, one execution context per optimization profile (prefill, decode;
+see trt/profiles.py), device buffers for the inputs and the logits, pinned host staging. Per
+state (one generation): two preallocated KV buffer sets sized for the engine's max context. Step
+t reads ``past`` from set ``cur`` and writes ``present`` into set ``1 - cur``; step t+1 swaps, so
+the cache never moves and nothing is allocated per step. Per step only the token ids/mask/positions
+go up and the last position's logits row comes back. ``tensorrt`` and CUDA are imported inside.
+
+The TensorRT code paths were written against TensorRT's documented 10.x Python API and have not
+run on real hardware in our CI (see README 'Jetson / TensorRT').
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gptedge.runtime import contract
+from gptedge.runtime.bundle import Bundle
+from gptedge.runtime.errors import EngineError, GenerationError
+from gptedge.runtime.trt import engine_cache as ec
+from gptedge.runtime.trt.build import current_environment, import_tensorrt, resolve_graph
+from gptedge.runtime.trt.cuda_mem import CUDA_PYTHON_HINT, DeviceBuffer, PinnedArray, Stream
+from gptedge.runtime.trt.profiles import profile_for
+
+log = logging.getLogger(__name__)
+
+NOT_INSTALLED = "tensorrt is not installed (on a Jetson it comes with JetPack; see README 'Jetson')"
+
+
+def unavailable_reason(has_tensorrt: bool, has_cuda_python: bool, bundle: Bundle) -> str | None:
+    """Why the backend cannot run ``bundle`` here (None: it can try). Cheap: no import, no hashing."""
+    if not has_tensorrt:
+        return NOT_INSTALLED
+    if not has_cuda_python:
+        return f"cuda-python is not installed; {CUDA_PYTHON_HINT}"
+    if bundle.manifest.cpu_only:
+        return "the bundle is cpu_only (onnxruntime-specific operators); TensorRT cannot run it"
+    if not any(ec.engine_dir(bundle.path).glob("*.engine")):
+        return f"no TensorRT engine built for this bundle; build one with: {ec.build_command(bundle.path)}"
+    return None
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # parent package missing
+        return False
+
+
+def availability(bundle: Bundle) -> str | None:
+    has_cuda = _has_module("cuda.bindings") or _has_module("cuda.cudart")
+    return unavailable_reason(_has_module("tensorrt"), has_cuda, bundle)
+
+
+@dataclass
+class TrtState:
+    """One generation's KV cache: ``kv[0]``/``kv[1]`` are the two buffer sets (one DeviceBuffer per
+    ``past_key_values.*``), ``cur`` the set holding the past, ``length`` the past length in tokens."""
+
+    batch: int
+    kv: list[list[DeviceBuffer]]
+    cur: int = 0
+    length: int = 0
+    freed: bool = field(default=False, repr=False)
+
+    def free(self) -> None:
+        if not self.freed:
+            _free_all(self.kv)
+            self.freed = True
+
+
+def _free_all(kv: list[list[DeviceBuffer]]) -> None:
+    for buffers in kv:
+        for buffer in buffers:
+            buffer.free()  # idempotent
+
+
+class _Runner:
+    """One deserialized engine with its contexts and I/O buffers (all sized once, at load)."""
+
+    def __init__(self, trt: Any, path: Path, meta: dict[str, Any], plan: bytes, bundle: Bundle, stream: Stream):
+        arch = bundle.manifest.architecture
+        self.trt, self.stream, self.path = trt, stream, path
+        self.max_batch, self.max_context = int(meta["max_batch"]), int(meta["max_context"])
+        self.role = meta["key"]["role"]
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise EngineError(f"{path}: TensorRT refused to deserialize this engine (other TensorRT build or "
+                              f"GPU?); rebuild with: {ec.build_command(bundle.path, meta.get('options'))}")
+        self.past = contract.past_names(arch.num_layers)
+        self.present = contract.present_names(arch.num_layers)
+        self.dtype = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n)))
+                      for n in (self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors))}
+        self.kv_shape = (arch.num_kv_heads, arch.head_dim)
+        self.kv_bytes = (self.max_batch * arch.num_kv_heads * self.max_context * arch.head_dim
+                         * self.dtype[self.past[0]].itemsize)
+        self.vocab = arch.vocab_size
+        self.contexts = [self._context(i) for i in range(self.engine.num_optimization_profiles)]
+        cells = self.max_batch * self.max_context
+        self.host = {n: PinnedArray((cells,), self.dtype[n]) for n in contract.input_names(0)}
+        self.dev = {n: DeviceBuffer(cells * self.dtype[n].itemsize) for n in contract.input_names(0)}
+        rows = 1 if self.role == "model_last" else self.max_context
+        self.logits_item = self.dtype[contract.LOGITS].itemsize
+        self.dev[contract.LOGITS] = DeviceBuffer(self.max_batch * rows * self.vocab * self.logits_item)
+        self.host_logits = PinnedArray((self.max_batch, self.vocab), self.dtype[contract.LOGITS])
+
+    def _context(self, profile: int) -> Any:
+        strategy = getattr(self.trt, "ExecutionContextAllocationStrategy", None)
+        context = (self.engine.create_execution_context(strategy.ON_PROFILE_CHANGE) if strategy is not None
+                   else self.engine.create_execution_context())
+        if context is None or not context.set_optimization_profile_async(profile, self.stream.ptr):
+            raise EngineError(f"{self.path}: cannot create an execution context for profile {profile} "
+                              "(out of GPU memory?)")
+        return context
+
+    def new_state(self, batch: int) -> TrtState:
+        if not 1 <= batch <= self.max_batch:
+            raise GenerationError(f"batch {batch}: this engine was built for 1..{self.max_batch} rows; "
+                                  f"rebuild with --max-batch {batch}")
+        state = TrtState(batch, [[DeviceBuffer(self.kv_bytes) for _ in self.past] for _ in range(2)])
+        # The protocol has no "free state": release the KV buffers when the state is collected,
+        # but not at interpreter exit (CUDA may already be torn down then).
+        weakref.finalize(state, _free_all, state.kv).atexit = False  # must not reference state
+        return state
+
+    def run(self, state: TrtState, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray,
+            all_rows: np.ndarray | None = None) -> None:
+        """Enqueue one step on the stream and the logits copy back; the caller synchronizes.
+        Copies the last position's row into ``host_logits``, or every row into ``all_rows``."""
+        batch, seq = ids.shape
+        past = state.length
+        if batch != state.batch or mask.shape != (batch, past + seq) or pos.shape != (batch, seq):
+            raise GenerationError(f"shapes input_ids {ids.shape}, attention_mask {mask.shape}, position_ids "
+                                  f"{pos.shape} do not match a state of {state.batch} rows and {past} past tokens")
+        if past + seq > self.max_context:
+            raise GenerationError(f"{past + seq} tokens exceed the engine's max context {self.max_context}; "
+                                  f"rebuild with a larger --max-context (bundle max {self.max_context})")
+        context = self.contexts[min(profile_for(seq), len(self.contexts) - 1)]
+        for name, value in ((contract.INPUT_IDS, ids), (contract.ATTENTION_MASK, mask), (contract.POSITION_IDS, pos)):
+            staged = self.host[name].array[: value.size]
+            staged[:] = value.reshape(-1)  # converts to the engine's integer type (int64 or int32)
+            self.stream.h2d(self.dev[name].ptr, self.host[name].ptr, staged.nbytes)
+            self._shape(context, name, value.shape)
+            context.set_tensor_address(name, self.dev[name].ptr)
+        reads, writes = state.kv[state.cur], state.kv[1 - state.cur]
+        for name_in, name_out, src, dst in zip(self.past, self.present, reads, writes):
+            self._shape(context, name_in, (batch, self.kv_shape[0], past, self.kv_shape[1]))
+            context.set_tensor_address(name_in, src.ptr)
+            context.set_tensor_address(name_out, dst.ptr)
+        context.set_tensor_address(contract.LOGITS, self.dev[contract.LOGITS].ptr)
+        if not context.execute_async_v3(self.stream.ptr):
+            raise EngineError(f"{self.path}: TensorRT execute_async_v3 failed (see the TensorRT log)")
+        row = self.vocab * self.logits_item
+        rows_out = 1 if self.role == "model_last" else seq
+        if all_rows is not None:
+            self.stream.d2h(all_rows.ctypes.data, self.dev[contract.LOGITS].ptr, batch * rows_out * row)
+        elif rows_out == 1:
+            self.stream.d2h(self.host_logits.ptr, self.dev[contract.LOGITS].ptr, batch * row)
+        else:  # full-logits engine: only the last position of every row comes back
+            self.stream.d2h_rows(self.host_logits.ptr, self.dev[contract.LOGITS].ptr + (seq - 1) * row,
+                                 row, seq * row, batch)
+        state.cur, state.length = 1 - state.cur, past + seq
+
+    def _shape(self, context: Any, name: str, shape: tuple[int, ...]) -> None:
+        if not context.set_input_shape(name, tuple(int(d) for d in shape)):
+            raise GenerationError(f"{name} shape {tuple(shape)} is outside the engine's profile "
+                                  f"(batch <= {self.max_batch}, context <= {self.max_context})")
+
+    def close(self) -> None:
+        for buffer in [*self.host.values(), *self.dev.values(), self.host_logits]:
+            buffer.free()
+        self.contexts, self.engine, self.runtime = [], None, None
+
+
+def _load_runner(trt: Any, bundle: Bundle, role: str, graph_path: Path, stream: Stream) -> _Runner:
+    env, _gpu = current_environment(trt)
+    path = ec.find_engine(bundle.path, role, env, ec.onnx_sha256(graph_path))
+    meta, plan = ec.read_plan(path)
+    log.info("tensorrt: %s (TensorRT %s, %s)", path.name, env.trt_version, env.gpu_name)
+    return _Runner(trt, path, meta, plan, bundle, stream)
+
+
+class TrtBackend:
+    """The Backend protocol over a TensorRT engine (see the module docstring)."""
+
+    name = "tensorrt"
+
+    def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
+        self.bundle = bundle
+        self.trt = import_tensorrt()
+        self.stream = Stream()
+        role, graph_path = resolve_graph(bundle, "auto")
+        try:
+            self.runner = _load_runner(self.trt, bundle, role, graph_path, self.stream)
+        except EngineError:
+            if role == "model":
+                raise
+            # No model_last engine: a full-graph engine also generates (last row copied back).
+            self.runner = _load_runner(self.trt, bundle, "model", bundle.model_path, self.stream)
+        self._full: _Runner | None = self.runner if self.runner.role == "model" else None
+        self._lock = threading.Lock()
+
+    def new_state(self, batch: int) -> TrtState:
+        return self.runner.new_state(batch)
+
+    def step(self, state: TrtState, input_ids: np.ndarray, attention_mask: np.ndarray,
+             position_ids: np.ndarray) -> np.ndarray:
+        """One prefill or decode step; returns the last position's logits ``[B, V]`` float32."""
+        with self._lock:  # one stream and shared I/O buffers: steps of several states take turns
+            self.runner.run(state, input_ids, attention_mask, position_ids)
+            self.stream.synchronize()
+            return self.runner.host_logits.array[: state.batch].astype(np.float32)
+
+    def full_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                    position_ids: np.ndarray) -> np.ndarray:
+        """Logits ``[B, S, V]`` from an empty cache; needs an engine built with ``--graph model``."""
+        with self._lock:
+            if self._full is None:
+                try:
+                    self._full = _load_runner(self.trt, self.bundle, "model", self.bundle.model_path, self.stream)
+                except EngineError as exc:
+                    raise EngineError(f"scoring needs full logits: {exc} (add --graph model)") from exc
+            runner = self._full
+            batch, seq = input_ids.shape
+            state = runner.new_state(batch)
+            out = PinnedArray((batch, seq, runner.vocab), runner.dtype[contract.LOGITS])
+            try:
+                runner.run(state, input_ids, attention_mask, position_ids, all_rows=out.array)
+                self.stream.synchronize()
+                return out.array.astype(np.float32)
+            finally:
+                out.free()
+                state.free()
+
+    def close(self) -> None:
+        if self._full is not None and self._full is not self.runner:
+            self._full.close()
+        self.runner.close()
+        self.stream.destroy()
+
+    def __enter__(self) -> TrtBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def create(bundle: Bundle, threads: int | None = None) -> TrtBackend:
+    return TrtBackend(bundle, threads)

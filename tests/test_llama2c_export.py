@@ -253,3 +253,11 @@ def test_quantized_v2_is_unsupported(tmp_path):
     path.write_bytes(struct.pack("Ii", 0x616B3432, 2) + b"\0" * 300)
     with pytest.raises(UnsupportedModelError, match="version 2"):
         load_llama2c(path, ExportConfig(allow_missing_tokenizer=True))
+
+
+def test_v1_file_is_detected_by_its_magic_whatever_its_name(tmp_path):
+    from gptedge.exporter.checkpoints.detect import detect_format
+
+    path = write_v1(tmp_path / "stories15M.model", random_weights(n_layers=1))
+    assert path.read_bytes()[:4] == b"24ka"  # uint32 0x616b3432, little-endian
+    assert detect_format(path) == "llama2c"

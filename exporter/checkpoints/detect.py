@@ -9,6 +9,7 @@ from gptedge.exporter.config import ExportConfig
 from gptedge.runtime.errors import InputError
 
 ZIP_MAGIC = b"PK\x03\x04"
+LLAMA2C_V1_MAGIC = b"24ka"  # uint32 0x616b3432 ("ak42") as llama2.c's export.py writes it (little-endian)
 
 
 def detect_format(source: Path) -> str:
@@ -25,7 +26,7 @@ def detect_format(source: Path) -> str:
         head = handle.read(4)
     if head == ZIP_MAGIC or source.suffix in (".pt", ".pth"):
         return "nanogpt"
-    if source.suffix == ".bin" or head == b"ak42":
+    if source.suffix == ".bin" or head == LLAMA2C_V1_MAGIC:
         return "llama2c"
     raise InputError(f"{source}: unknown checkpoint format; expected a torch zip (nanoGPT ckpt.pt), "
                      "a llama2.c .bin, or an HF folder with config.json")

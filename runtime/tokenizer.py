@@ -87,7 +87,7 @@ class Llama2cTokenizer:
     merged string has the highest score. BOS is id 1 (a piece after BOS drops its leading space)."""
 
     kind = "llama2c"
-    BOS = 1
+    BOS, EOS = 1, 2
     BYTE_OFFSET = 3
 
     def __init__(self, pieces: Sequence[str], scores: Sequence[float]) -> None:
@@ -100,6 +100,9 @@ class Llama2cTokenizer:
         for i, piece in enumerate(self.pieces):
             self._ids.setdefault(piece, i)
         self._bytes = [self._piece_bytes(p) for p in self.pieces]
+        for control in (self.BOS, self.EOS):  # "\n<s>\n" / "\n</s>\n" are markers, not text
+            if control < self.vocab_size:
+                self._bytes[control] = b""
 
     @staticmethod
     def _piece_bytes(piece: str) -> bytes:

@@ -1,0 +1,66 @@
+"""Bundles exported from HF folders run in other people's runtimes: Optimum's ORTModelForCausalLM and
+onnxruntime-genai, giving the same greedy tokens as transformers' own ``generate``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hf_folders import exported, gpt2_tokenizer
+
+pytest.importorskip("transformers")
+NEW_TOKENS = 10
+
+
+def _prompts(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two left-padded prompts (ids [2, L], mask [2, L]); GPT-2's from real text when its tokenizer is here."""
+    tokenizer = gpt2_tokenizer() if kind == "gpt2" else None
+    if tokenizer is not None:
+        rows = [tokenizer.encode(t).ids for t in ("The quick brown fox jumps over", "Hello world")]
+    else:
+        rows = [[5, 17, 3, 42, 61, 9, 77], [12, 88, 30]]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def _hf_greedy(folder, ids, mask) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    pad = model.generation_config.pad_token_id
+    eos = model.generation_config.eos_token_id
+    pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
+    return model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=pad)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_optimum_runs_the_bundle_like_transformers(tmp_path_factory, kind):
+    pytest.importorskip("optimum.onnxruntime")
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    folder, bundle = exported(kind, tmp_path_factory)
+    ids, mask = _prompts(kind)
+    expected = _hf_greedy(folder, ids, mask)
+    model = ORTModelForCausalLM.from_pretrained(bundle, use_cache=True, use_io_binding=False, file_name="model.onnx")
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                         pad_token_id=model.generation_config.pad_token_id or expected[0, 0].item())
+    assert got.tolist() == expected.tolist()
+    assert len(set(expected[0, ids.shape[1]:].tolist())) > 1  # not a degenerate one-token loop
+
+
+def test_onnxruntime_genai_runs_the_llama_bundle_like_transformers(tmp_path_factory):
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (optional client)")
+    folder, bundle = exported("llama", tmp_path_factory)
+    ids, mask = _prompts("llama")
+    prompt = ids[0:1]  # og's Python API takes one unpadded prompt per generator here
+    expected = _hf_greedy(folder, prompt, torch.ones_like(prompt))[0].tolist()
+    model = og.Model(str(bundle))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=prompt.shape[1] + NEW_TOKENS)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt.numpy().astype(np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert [int(t) for t in generator.get_sequence(0)] == expected

@@ -261,3 +261,14 @@ def test_v1_file_is_detected_by_its_magic_whatever_its_name(tmp_path):
     path = write_v1(tmp_path / "stories15M.model", random_weights(n_layers=1))
     assert path.read_bytes()[:4] == b"24ka"  # uint32 0x616b3432, little-endian
     assert detect_format(path) == "llama2c"
+
+
+def test_runtime_reads_the_converted_tokenizer(llama2c_bundles):
+    from gptedge.runtime.bundle import load_bundle
+    from gptedge.runtime.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(load_bundle(llama2c_bundles["legacy-unshared-mha"][1].path))
+    text = "the café\nhello"
+    ids = tokenizer.encode(text)
+    assert 10 + 3 in ids  # "\n" is no piece here: byte fallback <0x0A>
+    assert tokenizer.decode([1, *ids]) == text  # BOS drops the dummy-prefix space

@@ -263,3 +263,11 @@ def test_real_gpt2_vocab_and_merges_match_the_reference_tokenizer_json():
     text = "Hello world! It's 2026, naïve café — ünïcödé   spaces\n\nnew lines<|endoftext|>"
     assert ours.encode("Hello world").ids == [15496, 995]
     assert ours.encode(text).ids == reference.encode(text).ids
+
+
+def test_runtime_reads_the_char_tokenizer(nanogpt_bundles):
+    from gptedge.runtime.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(nanogpt_bundles["bias"][2])
+    assert tokenizer.encode("hi, bob!\n") == [CHARS.index(c) for c in "hi, bob!\n"]
+    assert tokenizer.decode(tokenizer.encode("to be: or not")) == "to be: or not"

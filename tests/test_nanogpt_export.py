@@ -271,3 +271,15 @@ def test_runtime_reads_the_char_tokenizer(nanogpt_bundles):
     tokenizer = load_tokenizer(nanogpt_bundles["bias"][2])
     assert tokenizer.encode("hi, bob!\n") == [CHARS.index(c) for c in "hi, bob!\n"]
     assert tokenizer.decode(tokenizer.encode("to be: or not")) == "to be: or not"
+
+
+def test_padded_gpt2_vocab_takes_gpt2_tokenizer_json(tmp_path):
+    tokenizer_json = shared_file("gpt2-tokenizer", "tokenizer.json")
+    state, args = nanogpt_state(n_layer=1, n_embd=16, n_head=2, vocab_size=50304)
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", state, args, dataset="openwebtext")
+    with pytest.raises(InputError, match="GPT-2's BPE"):
+        load_nanogpt(ckpt, ExportConfig())
+    loaded = load_nanogpt(ckpt, ExportConfig(tokenizer=tokenizer_json))
+    info = loaded.tokenizer.info
+    assert (info.kind, info.eos_ids, info.vocab_size, loaded.arch.vocab_size) == ("hf", (50256,), 50257, 50304)
+    assert loaded.tokenizer.files["tokenizer.json"] == tokenizer_json.read_bytes()

@@ -237,7 +237,7 @@ class _Context:
                             and n.input[0] in self.constants}
         for init in _iter_constants(graph):
             users = consumers.get(init.name, [])
-            if init.data_type in QUANTIZED_DTYPES and any(u.op_type != "DequantizeLinear" for u in users):
+            if init.data_type in QUANTIZED_DTYPES and not all(_quantized_use_ok(u, init.name) for u in users):
                 self.add(init.name, "initializer", ERROR, "dtype", f"{dtype_name(init.data_type)} tensor "
                          f"{init.name!r} feeds {sorted({u.op_type for u in users})}: TensorRT accepts "
                          "quantized types only as DequantizeLinear input")
@@ -267,6 +267,13 @@ class _Context:
         except (OSError, ValueError) as exc:
             self.add(tensor.name, "initializer", WARNING, "unread", f"could not read {tensor.name!r} ({exc})")
             return None
+
+
+def _quantized_use_ok(node: onnx.NodeProto, name: str) -> bool:
+    """A quantized-type tensor may be DequantizeLinear's input or QuantizeLinear's zero-point."""
+    if node.op_type == "DequantizeLinear":
+        return True
+    return node.op_type == "QuantizeLinear" and list(node.input).index(name) == 2
 
 
 def _iter_constants(graph: onnx.GraphProto) -> Iterable[TensorProto]:

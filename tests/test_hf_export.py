@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -201,3 +203,15 @@ def test_pickled_code_in_pytorch_model_bin_is_refused(tmp_path):
     torch.save({"weights": np.arange(3)}, folder / "pytorch_model.bin")  # numpy object: not weights-only
     with pytest.raises(InputError, match="weights_only"):
         load_hf(folder, NO_TOKENIZER)
+
+
+def test_without_transformers_the_decoder_is_the_reference(tmp_path):
+    folder = write_folder(tmp_path / "m", gpt2_config())
+    code = ("import sys; sys.modules['transformers'] = None\n"  # makes `import transformers` fail
+            "from gptedge.exporter.checkpoints.hf import load_hf\n"
+            "from gptedge.exporter import ExportConfig\n"
+            f"loaded = load_hf({str(folder)!r}, ExportConfig(allow_missing_tokenizer=True))\n"
+            "print(loaded.reference is None, loaded.source['reference'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "True gptedge decoder (transformers not installed)"
+    assert "transformers is not installed" in result.stderr

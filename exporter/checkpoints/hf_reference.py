@@ -6,7 +6,6 @@ is not importable, and the export then checks its graph against gptedge's own de
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,9 @@ log = logging.getLogger(__name__)
 
 def transformers_reference(folder: Path) -> Callable[[], ReferenceFn] | None:
     """A builder of the transformers reference for ``folder``, or None without transformers."""
-    if importlib.util.find_spec("transformers") is None:
+    try:
+        import transformers  # noqa: F401  (only to learn whether the reference can be built)
+    except ImportError:
         log.warning("transformers is not installed: parity of %s checks the ONNX graph against gptedge's "
                     "own decoder only (pip install 'gptedge[dev]' to compare with transformers)", folder)
         return None

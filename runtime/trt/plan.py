@@ -65,7 +65,7 @@ class Target:
     def usable_bytes(self, memory_gb: float | None = None) -> int:
         total = self.memory_gb[0] if memory_gb is None else memory_gb
         if self.compute_capability and memory_gb is not None and memory_gb not in self.memory_gb:
-            sizes = " or ".join(f"{m:g}" for m in self.memory_gb)
+            sizes = " or ".join(f"{m:g}" for m in sorted(self.memory_gb))
             raise InputError(f"--memory-gb {memory_gb:g}: {self.label} comes with {sizes} GB")
         if total <= self.reserve_gb:
             raise InputError(f"--memory-gb {total:g}: must exceed the {self.reserve_gb:g} GB reserve")

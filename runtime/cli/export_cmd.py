@@ -11,7 +11,7 @@ def register(subparsers) -> None:
     p.add_argument("source", type=Path, help="HF folder, nanoGPT ckpt.pt (or its folder), or llama2.c .bin")
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle folder to write")
     p.add_argument("--tokenizer", type=Path, help="tokenizer file/folder (meta.pkl, tokenizer.json, tokenizer.bin, ...)")
-    p.add_argument("--no-tokenizer", action="store_true", help="export without a tokenizer (token ids only)")
+    p.add_argument("--no-tokenizer", action="store_true", help="export even when no tokenizer is found (the bundle then generates from token ids only)")
     p.add_argument("--max-context", type=int, help="tokens the bundle supports (default: the model's)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, 18..20 (default 18)")
     p.add_argument("--no-validate", action="store_true", help="skip the parity check")

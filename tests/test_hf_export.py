@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import shared_file
 from hf_folders import CONTEXT, exported, gpt2_config, llama_config, small_tokenizer, write_folder
 
 from gptedge.exporter import ExportConfig, export
@@ -196,6 +197,19 @@ def test_missing_tokenizer_is_an_error_unless_allowed_or_given(tmp_path):
     info = loaded.tokenizer.info
     assert info.kind == "hf" and info.vocab_size == 100 and info.add_bos is False
     assert loaded.tokenizer.files["tokenizer.json"] == (tmp_path / "tok.json").read_bytes()
+
+
+def test_gpt2_vocab_and_merges_without_tokenizer_json(tmp_path):
+    import shutil
+
+    folder = write_folder(tmp_path / "m", gpt2_config(bos_token_id=50256, eos_token_id=50256))
+    (tmp_path / "empty").mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(shared_file("gpt2-tokenizer", name), folder / name)
+    info = load_hf(folder, ExportConfig()).tokenizer.info
+    assert (info.kind, info.vocab_size, info.eos_ids, info.add_bos) == ("hf", 50257, (50256,), False)
+    with pytest.raises(InputError, match="no tokenizer.json"):
+        load_hf(folder, ExportConfig(tokenizer=tmp_path / "empty", allow_missing_tokenizer=True))
 
 
 def test_pickled_code_in_pytorch_model_bin_is_refused(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gptedge.exporter.checkpoints import TokenizerFiles
+from gptedge.exporter.checkpoints.tokenizers import hf_tokenizer_from_vocab_merges
 from gptedge.exporter.config import ExportConfig
 from gptedge.runtime.bundle import TokenizerInfo
 from gptedge.runtime.errors import InputError
@@ -22,22 +23,28 @@ TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 def load_tokenizer(folder: Path, cfg: dict[str, Any], config: ExportConfig) -> TokenizerFiles:
     """Tokenizer files for the bundle plus :class:`TokenizerInfo`.
 
-    Without a ``tokenizer.json`` (and no ``config.tokenizer``) this raises :class:`InputError`
-    unless ``config.allow_missing_tokenizer``; then the info has kind ``"none"`` but keeps the
-    special ids, so generation from token ids still stops at EOS.
+    The tokenizer is ``tokenizer.json`` in the folder (or in/at ``config.tokenizer``), else a GPT-2
+    ``vocab.json`` + ``merges.txt`` pair converted to one. Without either this raises
+    :class:`InputError` unless ``config.allow_missing_tokenizer``; then the info has kind ``"none"``
+    but keeps the special ids, so generation from token ids still stops at EOS.
     """
     tokenizer_dir, tokenizer_file = _tokenizer_source(folder, config.tokenizer)
     tok_cfg = _optional_json(tokenizer_dir / "tokenizer_config.json")
     gen_cfg = _optional_json(folder / "generation_config.json")
-    if tokenizer_file is None:
-        if not config.allow_missing_tokenizer:
-            hint = " (it has only a sentencepiece tokenizer.model; save it as tokenizer.json with " \
-                   "transformers' AutoTokenizer)" if (folder / "tokenizer.model").is_file() else ""
-            raise InputError(f"{folder}: no tokenizer.json{hint}; pass --tokenizer PATH to a tokenizer.json "
-                             "or its folder, or --no-tokenizer to export a bundle that works on token ids")
+    vocab, merges = tokenizer_dir / "vocab.json", tokenizer_dir / "merges.txt"
+    if tokenizer_file is not None:
+        data = tokenizer_file.read_bytes()
+    elif vocab.is_file() and merges.is_file():  # older GPT-2 folders: build the byte-level BPE
+        data = hf_tokenizer_from_vocab_merges(vocab, merges).files[TOKENIZER_NAME]
+    elif config.allow_missing_tokenizer and config.tokenizer is None:
         return TokenizerFiles(info=_info(None, cfg, gen_cfg, tok_cfg, "none", None))
-    tokenizer = _load(tokenizer_file)
-    files = {TOKENIZER_NAME: tokenizer_file.read_bytes()}
+    else:
+        hint = " (it has only a sentencepiece tokenizer.model; save it as tokenizer.json with " \
+               "transformers' AutoTokenizer)" if (tokenizer_dir / "tokenizer.model").is_file() else ""
+        raise InputError(f"{tokenizer_dir}: no tokenizer.json{hint}; pass --tokenizer PATH to a tokenizer.json "
+                         "or its folder, or --no-tokenizer to export a bundle that works on token ids")
+    tokenizer = _load(data, tokenizer_file or vocab)
+    files = {TOKENIZER_NAME: data}
     for name in TOKENIZER_SIDE_FILES:
         if (tokenizer_dir / name).is_file():
             files[name] = (tokenizer_dir / name).read_bytes()
@@ -45,26 +52,28 @@ def load_tokenizer(folder: Path, cfg: dict[str, Any], config: ExportConfig) -> T
 
 
 def _tokenizer_source(folder: Path, override: Path | None) -> tuple[Path, Path | None]:
-    """(folder holding the tokenizer's side files, the tokenizer.json or None)."""
+    """(folder holding the tokenizer and its side files, its tokenizer.json or None)."""
     if override is None:
-        path = folder / TOKENIZER_NAME
-        return folder, (path if path.is_file() else None)
-    if override.is_dir():
-        if not (override / TOKENIZER_NAME).is_file():
-            raise InputError(f"--tokenizer {override}: the folder has no {TOKENIZER_NAME}")
-        return override, override / TOKENIZER_NAME
-    if not override.is_file():
+        directory = folder
+    elif override.is_dir():
+        directory = override
+    elif override.is_file():
+        if override.name in ("vocab.json", "merges.txt"):
+            return override.parent, None
+        return override.parent, override
+    else:
         raise InputError(f"--tokenizer {override}: does not exist; give a tokenizer.json or its folder")
-    return override.parent, override
+    path = directory / TOKENIZER_NAME
+    return directory, (path if path.is_file() else None)
 
 
-def _load(path: Path):
+def _load(data: bytes, where: Path):
     from tokenizers import Tokenizer
 
     try:
-        return Tokenizer.from_file(str(path))
+        return Tokenizer.from_str(data.decode("utf-8"))
     except Exception as exc:  # tokenizers raises a plain Exception for every parse error
-        raise InputError(f"{path}: not a HuggingFace tokenizers file ({exc})") from exc
+        raise InputError(f"{where}: not a HuggingFace tokenizers file ({exc})") from exc
 
 
 def _optional_json(path: Path) -> dict[str, Any]:

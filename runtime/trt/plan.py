@@ -91,6 +91,7 @@ class WeightTensor:
     name: str
     dims: tuple[int, ...]
     dtype: int
+    is_qparam: bool = False  # a Q/DQ scale or zero-point: overhead of the stored format only
 
     @property
     def numel(self) -> int:
@@ -109,8 +110,11 @@ def weight_inventory(model: onnx.ModelProto) -> list[WeightTensor]:
     out: dict[str, WeightTensor] = {}
     tensors = list(model.graph.initializer)
     tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    qparams = {name for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+               for name in n.input[1:]}
     for t in tensors:
-        out[t.name or f"const{len(out)}"] = WeightTensor(t.name, tuple(int(d) for d in t.dims), t.data_type)
+        out[t.name or f"const{len(out)}"] = WeightTensor(t.name, tuple(int(d) for d in t.dims), t.data_type,
+                                                         t.name in qparams)
     return list(out.values())
 
 
@@ -120,6 +124,8 @@ def weights_bytes(inventory: list[WeightTensor], precision: str | None = None) -
     for w in inventory:
         if precision is None:
             total += w.numel * _DTYPE_BYTES.get(w.dtype, 4.0)
+        elif w.is_qparam:
+            continue  # re-priced precisions add their own scales
         elif w.dtype in (TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL):
             total += w.numel * _DTYPE_BYTES[w.dtype]  # shape constants stay what they are
         elif precision == "fp32":

@@ -6,7 +6,6 @@ vocabulary size whatever you do to it.
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +40,17 @@ def tiny_arch(vocab: int) -> Architecture:
                         mlp_bias=False, tie_word_embeddings=False)
 
 
-@functools.lru_cache(maxsize=1)
-def trained_bundle(root: Path, steps: int = 250) -> Trained:
+_CACHE: dict[str, Trained] = {}
+
+
+def trained_bundle(root: Path) -> Trained:
+    """The trained bundle, built once per test session (in the first caller's ``root``)."""
+    if "bundle" not in _CACHE:
+        _CACHE["bundle"] = _train_and_export(root)
+    return _CACHE["bundle"]
+
+
+def _train_and_export(root: Path, steps: int = 250) -> Trained:
     """Train the tiny decoder on the corpus (next-char loss) and export it with a char tokenizer."""
     import torch
     from torch.nn import functional as F

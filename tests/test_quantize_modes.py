@@ -14,7 +14,6 @@ from gptedge.quantize import (
     Int4Config,
     Int8Config,
     Int8DynamicConfig,
-    PruneConfig,
     perplexity,
     quantize,
 )

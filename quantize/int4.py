@@ -2,8 +2,9 @@
 
 ``matmulnbits``: onnxruntime's ``MatMulNBitsQuantizer`` -> ``com.microsoft.MatMulNBits`` (CPU only).
 ``qdq``: standard ONNX, opset 21: ``DequantizeLinear(W_int4 [in, out], scale [in/B, out],
-axis=0, block_size=B) -> MatMul`` — the form TensorRT (>= 10.0: INT4 weight-only with blocked
-DQ) runs. Either way every linear layer (LM head included) must come out quantized, or this raises.
+axis=0, block_size=B) -> MatMul`` — the form TensorRT runs as INT4 weight-only. It needs a
+TensorRT whose parser reads opset 21 and documents blocked int4 DQ: the "10.x" row (newer than
+10.3) of gptedge.runtime.trt.support's table; JetPack 6's TensorRT 10.3 (opset <= 20) cannot. Either way every linear layer (LM head included) must come out quantized, or this raises.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from gptedge.quantize.job import Job
 from gptedge.quantize.registry import handler
 from gptedge.runtime.errors import BundleError
 
-TENSORRT_MIN_VERSION = "10.0"  # first TensorRT with INT4 weight-only blocked DequantizeLinear
+TENSORRT_MIN_VERSION = "10.x"  # key of gptedge.runtime.trt.support.SUPPORT: newer than 10.3, block_quant
 QDQ_OPSET = 21  # DequantizeLinear with int4 and block_size
 
 

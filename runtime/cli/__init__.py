@@ -12,9 +12,10 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from gptedge.runtime import __version__
-from gptedge.runtime.errors import GptEdgeError
+from gptedge.runtime.errors import GptEdgeError, InputError
 
 # (command, module that registers it, pip extra it needs or None)
 COMMANDS: list[tuple[str, str, str | None]] = [
@@ -31,10 +32,18 @@ COMMANDS: list[tuple[str, str, str | None]] = [
 ]
 
 MISSING_EXTRA_EXIT = 11
+INTERNAL_ERROR_EXIT = 70  # an unexpected exception: a gptedge bug (EX_SOFTWARE)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one ``error:`` line (exit 2, as argparse)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptedge", description="Export, quantize and run GPT models at the edge.")
+    parser = OneLineParser(prog="gptedge", description="Export, quantize and run GPT models at the edge.")
     parser.add_argument("--version", action="version", version=f"gptedge {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -50,8 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except ModuleNotFoundError as exc:  # a command module needs a package this install lacks
+        if debug:
+            raise
+        return _fail(f"cannot start gptedge: the '{exc.name}' package is missing; reinstall gptedge "
+                     "(pip install gptedge) or add the extra the command needs", MISSING_EXTRA_EXIT)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
@@ -62,8 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GptEdgeError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -71,9 +86,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = _extra_for(args.command)
         if args.debug or extra is None or exc.name not in ("torch", "safetensors", "onnxscript", "transformers"):
             raise
-        print(f"error: `gptedge {args.command}` needs the '{exc.name}' package; "
-              f"install it with: pip install 'gptedge[{extra}]'", file=sys.stderr)
-        return MISSING_EXTRA_EXIT
+        return _fail(f"`gptedge {args.command}` needs the '{exc.name}' package; "
+                     f"install it with: pip install 'gptedge[{extra}]'", MISSING_EXTRA_EXIT)
+    except OSError as exc:  # a file the user named cannot be read or written (permissions, disk full ...)
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(f"{where}{exc.strerror or exc}; check the path and its permissions",
+                     InputError.exit_code)
+    except Exception as exc:  # noqa: BLE001 - anything else is a bug: one line, traceback with --debug
+        if args.debug:
+            raise
+        return _fail(f"unexpected {type(exc).__name__}: {exc}. This is a gptedge bug; rerun with --debug "
+                     "and report the traceback", INTERNAL_ERROR_EXIT)
+
+
+def _fail(message: str, code: int) -> int:
+    """Print ``message`` as one ``error:`` line on stderr (library messages may hold newlines)."""
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    return code
 
 
 def _extra_for(command: str) -> str | None:

@@ -4,6 +4,7 @@ with the decoder's parameter names (see ``gptedge.exporter.model``)."""
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,3 +55,13 @@ def sha256_of(path: Path) -> str:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def torch_load_reason(exc: BaseException) -> str:
+    """The one informative line of a ``torch.load(weights_only=True)`` failure (torch's message is
+    a multi-line essay whose useful part follows ``WeightsUnpickler error:``)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    _, marker, rest = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (rest if marker else text).splitlines() if line.strip()]
+    reason = lines[0] if lines else type(exc).__name__
+    return reason.split(". Please use")[0].rstrip(".")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from gptedge.exporter.checkpoints import LoadedCheckpoint
+from gptedge.exporter.checkpoints import LoadedCheckpoint, torch_load_reason
 from gptedge.exporter.checkpoints.hf_config import (
     LLAMA_FAMILY,
     architecture_from_config,
@@ -157,7 +157,8 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise InputError(f"{path}: cannot load it as a torch state dict with weights_only=True ({exc}); "
+        raise InputError(f"{path}: cannot load it as a torch state dict with weights_only=True "
+                         f"({torch_load_reason(exc)}); "
                          "the file is truncated, corrupt or contains code; prefer safetensors") from exc
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise InputError(f"{path}: expected a state dict (name -> tensor)")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from gptedge.exporter.checkpoints import LoadedCheckpoint, TokenizerFiles, sha256_of
+from gptedge.exporter.checkpoints import LoadedCheckpoint, TokenizerFiles, sha256_of, torch_load_reason
 from gptedge.exporter.checkpoints.tokenizers import char_tokenizer_from_meta, tokenizer_from_user_path
 from gptedge.exporter.config import ExportConfig
 from gptedge.runtime.bundle import Architecture
@@ -75,10 +75,10 @@ def _torch_load(path: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         raise InputError(f"{path}: not a plain nanoGPT checkpoint: it holds objects other than tensors "
                          "and plain data, which could run code when loaded, so it was refused "
-                         f"(torch.load weights_only=True: {str(exc).splitlines()[0]}). "
+                         f"(torch.load weights_only=True: {torch_load_reason(exc)}). "
                          "Re-save only the state dict and model_args") from exc
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise InputError(f"{path}: cannot read as a torch checkpoint ({exc}); the file is corrupt, "
+        raise InputError(f"{path}: cannot read as a torch checkpoint ({torch_load_reason(exc)}); the file is corrupt, "
                          "truncated or not a nanoGPT ckpt.pt") from exc
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict) \
             or not isinstance(checkpoint.get("model_args"), dict):

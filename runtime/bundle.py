@@ -268,6 +268,11 @@ def load_bundle(bundle_dir: str | os.PathLike[str]) -> Bundle:
                               "missing; copy the whole bundle folder again")
     if not (root / MODEL_NAME).is_file():
         raise BundleError(f"{root / MODEL_NAME}: missing; copy the whole bundle folder again")
+    from gptedge.runtime.onnx_io import check_external_data  # lazy: onnx costs ~0.25 s to import
+
+    graphs = {MODEL_NAME} | {e["path"] for e in manifest.files.values() if e["path"].endswith(".onnx")}
+    for name in sorted(graphs):  # before any runtime opens a graph: its data must stay in the bundle
+        check_external_data(root / name, root)
     return Bundle(root, manifest)
 
 

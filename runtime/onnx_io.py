@@ -76,3 +76,63 @@ def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
     if tensor.HasField("raw_data"):
         return tensor.raw_data
     return onnx.numpy_helper.to_array(tensor).tobytes()
+
+
+def check_external_data(model_path: Path, root: Path | None = None) -> None:
+    """Refuse a graph whose external data could read outside the bundle, before any runtime opens it.
+
+    Reads only the graph (``load_external_data=False``), then checks every tensor stored outside it
+    (initializers, sparse initializers and attribute tensors, subgraphs included): its location must
+    be a plain relative path, must resolve (symlinks followed) inside ``root`` (default: the graph's
+    folder), must exist, and ``offset + length`` must lie within the file. Raises BundleError.
+    """
+    from gptedge.runtime.bundle import check_relative_path
+    from gptedge.runtime.errors import BundleError
+
+    model_path = Path(model_path)
+    base = Path(root or model_path.parent).resolve()
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: a truncated or foreign file
+        raise BundleError(f"{model_path}: not a readable ONNX graph ({exc}); copy the whole bundle "
+                          "folder again or re-export it") from exc
+    for tensor in _stored_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        where = f"{model_path} (tensor {tensor.name!r})"
+        location = info.get("location", "")
+        check_relative_path(location, where)
+        target = model_path.parent / location
+        if not target.resolve().is_relative_to(base):
+            raise BundleError(f"{where}: external data {location!r} is a link that leads outside the bundle "
+                              f"folder {base}; copy the real file into the bundle")
+        if not target.is_file():
+            raise BundleError(f"{where}: external data file {target} is missing; copy the whole bundle "
+                              "folder again")
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", tensor_nbytes(tensor)))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BundleError(f"{where}: malformed external data offset/length ({exc}); re-export") from exc
+        size = target.stat().st_size
+        if offset < 0 or length < 0 or offset + length > size:
+            raise BundleError(f"{where}: needs bytes {offset}..{offset + length} of {target.name}, which has "
+                              f"only {size}; the file is truncated: copy the whole bundle folder again")
+
+
+def _stored_tensors(graph: onnx.GraphProto):
+    """Every TensorProto a graph stores: initializers, sparse ones, attribute tensors, subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("sparse_tensor"):
+                yield from (attr.sparse_tensor.values, attr.sparse_tensor.indices)
+            for sparse in attr.sparse_tensors:
+                yield from (sparse.values, sparse.indices)
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _stored_tensors(sub)

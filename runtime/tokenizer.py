@@ -162,7 +162,18 @@ class NoTokenizer:
 
 
 def load_tokenizer(bundle: Bundle) -> Tokenizer:
-    """The tokenizer described by ``bundle.manifest.tokenizer``."""
+    """The tokenizer described by ``bundle.manifest.tokenizer``; BundleError when it could produce
+    ids the model has no embedding for."""
+    tokenizer = _open_tokenizer(bundle)
+    model_vocab = bundle.manifest.architecture.vocab_size
+    if tokenizer.vocab_size > model_vocab:
+        raise BundleError(f"{bundle.path / str(bundle.manifest.tokenizer.file)}: the tokenizer has "
+                          f"{tokenizer.vocab_size} tokens but the model only {model_vocab}, so prompts could hold "
+                          "ids the model cannot embed; re-export with the tokenizer that belongs to the checkpoint")
+    return tokenizer
+
+
+def _open_tokenizer(bundle: Bundle) -> Tokenizer:
     info = bundle.manifest.tokenizer
     if info.kind == "none":
         return NoTokenizer()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -17,7 +18,9 @@ TEXT = "héllo 日本語 🙂"
 def bundle_with(tmp_path, kind: str, file: str | None, data: bytes | None = None) -> Bundle:
     if data is not None:
         (tmp_path / file).write_bytes(data)
-    return Bundle(tmp_path, Manifest(architecture=TINY_GPT2, tokenizer=TokenizerInfo(kind=kind, file=file)))
+    # a model vocabulary as large as GPT-2's: load_tokenizer refuses tokenizers larger than the model
+    arch = dataclasses.replace(TINY_GPT2, vocab_size=50304)
+    return Bundle(tmp_path, Manifest(architecture=arch, tokenizer=TokenizerInfo(kind=kind, file=file)))
 
 
 def stream_pieces(tokenizer, ids, context=()):

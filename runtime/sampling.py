@@ -55,8 +55,9 @@ def check_finite(logits: np.ndarray) -> None:
     if not np.isfinite(logits).all():
         bad = int((~np.isfinite(logits)).sum())
         raise GenerationError(
-            f"the model produced {bad} non-finite logits (NaN/inf). Likely cause: FP16 overflow in an "
-            "fp16/quantized bundle; try the fp32 bundle (or quantize with fewer layers in fp16)")
+            f"the model produced {bad} non-finite logits (NaN/inf). Likely causes: FP16 overflow in an "
+            "fp16/quantized bundle (try the fp32 bundle, or quantize with fewer layers in fp16), or corrupt "
+            "weights holding NaN/inf (re-export the bundle or copy model.onnx.data again)")
 
 
 def greedy(logits: np.ndarray) -> int:

@@ -15,6 +15,8 @@ from gptedge.runtime.tokenizer import load_tokenizer
 def read_text(path: str | os.PathLike[str], what: str) -> str:
     """The text of ``path``; InputError (naming ``what``, e.g. ``--calib``) when missing/empty/binary."""
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{what} {p}: is a folder; pass a UTF-8 text file")
     if not p.is_file():
         raise InputError(f"{what} {p}: no such file; pass a UTF-8 text file")
     try:

@@ -298,7 +298,9 @@ def atomic_output_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) 
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as exc:
-        raise OutputExistsError(f"{out}: cannot create the output folder ({exc.strerror}); "
+        blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker else exc.strerror
+        raise OutputExistsError(f"{out}: cannot create the output folder ({why}); "
                                 "choose a writable path") from exc
     try:
         yield tmp

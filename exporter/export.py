@@ -22,6 +22,7 @@ from gptedge.runtime.bundle import (
     Bundle,
     Manifest,
     atomic_output_dir,
+    check_output_dir,
     load_bundle,
     write_manifest,
 )
@@ -41,6 +42,7 @@ def export(source: str | os.PathLike[str], config: ExportConfig, out_dir: str | 
     interrupt leaves nothing behind. With ``config.validate`` the parity report is in the manifest
     and a mismatch raises :class:`~gptedge.runtime.errors.ParityError` (and writes no bundle).
     """
+    check_output_dir(out_dir, config.overwrite)  # refuse before minutes of loading and tracing
     checkpoint = load_checkpoint(Path(source), config)
     return export_loaded(checkpoint, config, out_dir)
 
@@ -48,6 +50,7 @@ def export(source: str | os.PathLike[str], config: ExportConfig, out_dir: str | 
 def export_loaded(checkpoint: LoadedCheckpoint, config: ExportConfig,
                   out_dir: str | os.PathLike[str]) -> Bundle:
     """Export an already loaded checkpoint (see :func:`export`)."""
+    check_output_dir(out_dir, config.overwrite)
     arch = checkpoint.arch
     if config.max_context is not None:
         arch = _with_context(arch, config.max_context)

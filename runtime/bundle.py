@@ -281,6 +281,21 @@ def write_manifest(bundle_dir: Path, manifest: Manifest) -> None:
     (Path(bundle_dir) / MANIFEST_NAME).write_text(text + "\n", encoding="utf-8")
 
 
+def check_output_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Refuse an output path that exists (unless ``overwrite``) or is not a folder, before any work
+    is done; returns the absolute path."""
+    out = Path(out_dir).absolute()
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: exists and is not a folder; choose another output path")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise OutputExistsError(f"{out}: cannot create the output folder ({blocker} is a file, not a folder); "
+                                "choose a writable path")
+    return out
+
+
 @contextmanager
 def atomic_output_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``out_dir`` atomically.
@@ -289,11 +304,7 @@ def atomic_output_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) 
     place, so that path always holds a complete bundle. On any exception (KeyboardInterrupt too)
     the temporary folder is removed and ``out_dir`` is untouched.
     """
-    out = Path(out_dir).absolute()
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out}: exists and is not a folder; choose another output path")
+    out = check_output_dir(out_dir, overwrite)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -114,9 +114,14 @@ def tidy_graph(model: onnx.ModelProto, num_layers: int) -> None:
         if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in initializers:
             if node.input[1] not in renames and scope:
                 renames[node.input[1]] = ".".join(scope) + ".weight_t"
+        if node.op_type == "Gather" and scope and node.input[0] in initializers:
+            renames.setdefault(node.input[0], ".".join(scope) + ".weight")  # embed / pos_embed tables
         del node.metadata_props[:]
     del model.metadata_props[:]
     del graph.value_info[:]
+    for name in initializers:  # remaining parameters: drop the tracing wrapper's "m." prefix
+        if name.startswith("m.") and name not in renames:
+            renames[name] = name[2:]
     taken = set(initializers)
     for old, new in renames.items():
         if new in taken:

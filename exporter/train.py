@@ -44,7 +44,9 @@ class TrainConfig:
     """One training run. Sizes are counts; ``lr`` is AdamW's peak learning rate (linear warm-up
     over ``warmup_steps``, then cosine decay to ``lr / 10``). ``text`` None trains on the Python
     standard library's source (see :mod:`gptedge.exporter.corpus`). ``dropout`` must be 0: the
-    export decoder has no dropout layers (nanoGPT's tiny configs use 0 on the CPU too)."""
+    export decoder has no dropout layers (nanoGPT's tiny configs use 0 on the CPU too).
+    ``threads`` None: time 1 and 2 torch threads at the start and at every evaluation, keep the
+    faster (see :func:`pick_threads`)."""
 
     text: Path | None = None
     out_dir: Path = Path("out-tiny")
@@ -64,7 +66,7 @@ class TrainConfig:
     eval_interval: int = 100
     eval_iters: int = 10
     device: str = "cpu"
-    threads: int | None = 2
+    threads: int | None = None
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -146,8 +148,6 @@ def train(config: TrainConfig, progress: Callable[[TrainEvent], None] | None = N
 def train_on(corpus: Corpus, config: TrainConfig,
              progress: Callable[[TrainEvent], None] | None = None) -> Path:
     """:func:`train` on an already loaded corpus."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     chars = sorted(set(corpus.text))
     stoi = {ch: i for i, ch in enumerate(chars)}
@@ -159,7 +159,11 @@ def train_on(corpus: Corpus, config: TrainConfig,
     model = Decoder(architecture(config, len(chars))).to(config.device)
     _init_like_nanogpt(model, config.n_layer)
     optimizer = _optimizer(model, config)
-    result = _fit(model, optimizer, data, config, progress)
+    threads = torch.get_num_threads()
+    try:
+        result = _fit(model, optimizer, data, config, progress)
+    finally:
+        torch.set_num_threads(threads)  # the choice made for training is not the caller's
     log.info("trained %d steps in %.1f s: val loss %.3f (untrained %.3f)",
              config.steps, result.seconds, result.val_loss, result.untrained_val_loss)
     with atomic_output_dir(config.out_dir, overwrite=config.overwrite) as tmp:
@@ -247,6 +251,8 @@ def _fit(model, optimizer, data, config: TrainConfig, progress) -> TrainResult:
     loss = None
     for step in range(config.steps + 1):
         if step % config.eval_interval == 0 or step == config.steps:
+            if step < config.steps:
+                torch.set_num_threads(config.threads or pick_threads(model, data["train"], config))
             losses = _estimate(model, data, config)
             evals.append({"step": step, "train": losses["train"], "val": losses["val"]})
             if progress:
@@ -266,6 +272,31 @@ def _fit(model, optimizer, data, config: TrainConfig, progress) -> TrainResult:
             progress(TrainEvent(step + 1, config.steps, loss, None))
     return TrainResult(untrained_val_loss=evals[0]["val"], val_loss=evals[-1]["val"],
                        train_loss=evals[-1]["train"], seconds=time.perf_counter() - start, evals=evals)
+
+
+def pick_threads(model: Decoder, tokens: torch.Tensor, config: TrainConfig) -> int:
+    """1 or 2 torch threads, whichever runs a training step faster right now.
+
+    Why measure: torch's OpenMP workers spin-wait, so when other busy processes share the cores,
+    2 threads ran a step ~3x SLOWER than 1 on our 2-vCPU machine (and ~1.8x faster when it was
+    idle). Costs about three forward+backward passes; gradients are discarded."""
+    most = min(2, os.cpu_count() or 1)
+    if most == 1:
+        return 1
+    x, y = _batch(tokens, config, torch.Generator().manual_seed(0))
+    best: tuple[float, int] | None = None
+    for threads in (1, most):
+        torch.set_num_threads(threads)
+        timings = []
+        for _ in range(2):  # the first pass after a switch also starts the thread pool
+            begin = time.perf_counter()
+            _loss(model, x, y).backward()
+            timings.append(time.perf_counter() - begin)
+        model.zero_grad(set_to_none=True)
+        if best is None or min(timings) < best[0]:
+            best = (min(timings), threads)
+    log.debug("torch threads: %d (%.3f s per step)", best[1], best[0])
+    return best[1]
 
 
 def _checkpoint(model: Decoder, optimizer, config: TrainConfig, corpus: Corpus,

@@ -17,7 +17,14 @@ from gptedge.quantize.graph_io import EXTERNAL_DATA_NAME, load_graphs, save_grap
 from gptedge.quantize.job import Job
 from gptedge.quantize.registry import handler_for
 from gptedge.quantize.text import encode, read_text, require_tokens, split_held_out
-from gptedge.runtime.bundle import Bundle, Manifest, atomic_output_dir, load_bundle, write_manifest
+from gptedge.runtime.bundle import (
+    Bundle,
+    Manifest,
+    atomic_output_dir,
+    check_output_dir,
+    load_bundle,
+    write_manifest,
+)
 from gptedge.runtime.errors import InputError, QualityGateError
 
 log = logging.getLogger(__name__)
@@ -41,6 +48,7 @@ def quantize(bundle_dir: str | os.PathLike[str], config: QuantConfig, out_dir: s
     source = load_bundle(bundle_dir)
     if Path(out_dir).absolute() == source.path.absolute():
         raise InputError(f"-o {out_dir}: the output must be a new folder, not the source bundle")
+    check_output_dir(out_dir, overwrite)  # refuse before calibrating and converting
     calib_ids, eval_ids = _texts(source, calib_text, eval_text, max_tokens)
     budget = max_ppl_increase if max_ppl_increase is not None else config.default_budget
     if eval_ids is not None and budget is None:

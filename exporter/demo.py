@@ -266,10 +266,14 @@ def _evaluate(rows: list[DemoRow], val_txt: Path, config: DemoConfig, reporter: 
 
 
 def _prompt(val_text: str, max_chars: int) -> str:
-    """The start of the held-out text, ending after its last line break within ``max_chars``."""
-    head = val_text[:max_chars]
-    cut = head.rfind("\n")
-    return head[: cut + 1] if cut >= max_chars // 3 else head
+    """A prompt from the held-out text: its first unindented line of 8 to ``max_chars`` characters
+    (a ``def``/``class`` line preferred; in prose a paragraph start), else its first whole line."""
+    lines = [line for line in val_text.split("\n")[1:500]  # [0] is the tail of a line cut by the split
+             if 8 <= len(line) < max_chars and not line[0].isspace()]
+    for line in sorted(lines, key=lambda line: not line.startswith(("def ", "class "))):  # stable
+        return line + "\n"
+    start = val_text.find("\n") + 1
+    return val_text[start:start + max_chars]
 
 
 def _run_bundle(row: DemoRow, prompt: str, config: DemoConfig, reporter: Reporter) -> None:

@@ -119,7 +119,11 @@ class _Runner:
         strategy = getattr(self.trt, "ExecutionContextAllocationStrategy", None)
         context = (self.engine.create_execution_context(strategy.ON_PROFILE_CHANGE) if strategy is not None
                    else self.engine.create_execution_context())
-        if context is None or not context.set_optimization_profile_async(profile, self.stream.ptr):
+        try:  # 10.x bindings raise RuntimeError when the profile cannot be set (older ones return False)
+            ok = context is not None and context.set_optimization_profile_async(profile, self.stream.ptr)
+        except RuntimeError as exc:
+            raise EngineError(f"{self.path}: cannot select optimization profile {profile}: {exc}") from exc
+        if not ok:
             raise EngineError(f"{self.path}: cannot create an execution context for profile {profile} "
                               "(out of GPU memory?)")
         return context
@@ -152,13 +156,13 @@ class _Runner:
             staged[:] = value.reshape(-1)  # converts to the engine's integer type (int64 or int32)
             self.stream.h2d(self.dev[name].ptr, self.host[name].ptr, staged.nbytes)
             self._shape(context, name, value.shape)
-            context.set_tensor_address(name, self.dev[name].ptr)
+            self._bind(context, name, self.dev[name].ptr)
         reads, writes = state.kv[state.cur], state.kv[1 - state.cur]
         for name_in, name_out, src, dst in zip(self.past, self.present, reads, writes):
             self._shape(context, name_in, (batch, self.kv_shape[0], past, self.kv_shape[1]))
-            context.set_tensor_address(name_in, src.ptr)
-            context.set_tensor_address(name_out, dst.ptr)
-        context.set_tensor_address(contract.LOGITS, self.dev[contract.LOGITS].ptr)
+            self._bind(context, name_in, src.ptr)
+            self._bind(context, name_out, dst.ptr)
+        self._bind(context, contract.LOGITS, self.dev[contract.LOGITS].ptr)
         if not context.execute_async_v3(self.stream.ptr):
             raise EngineError(f"{self.path}: TensorRT execute_async_v3 failed (see the TensorRT log)")
         row = self.vocab * self.logits_item
@@ -176,6 +180,12 @@ class _Runner:
         if not context.set_input_shape(name, tuple(int(d) for d in shape)):
             raise GenerationError(f"{name} shape {tuple(shape)} is outside the engine's profile "
                                   f"(batch <= {self.max_batch}, context <= {self.max_context})")
+
+    def _bind(self, context: Any, name: str, ptr: int) -> None:
+        # set_tensor_address returns False (and logs) for a name the engine lacks or a misaligned pointer
+        if not context.set_tensor_address(name, ptr):
+            raise EngineError(f"{self.path}: TensorRT refused the address of '{name}' (not an I/O tensor of "
+                              "this engine?); rebuild the engine from this bundle")
 
     def close(self) -> None:
         for buffer in [*self.host.values(), *self.dev.values(), self.host_logits]:

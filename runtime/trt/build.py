@@ -148,8 +148,16 @@ def build_engine(bundle_dir: str | os.PathLike[str], config: BuildConfig = Build
     return BuildResult(path, key, seconds, False)
 
 
+def network_flags(trt: Any) -> int:
+    """``create_network`` flags: STRONGLY_TYPED (bit 1 in 10.x, where bit 0 is the ignored EXPLICIT_BATCH;
+    bit 0 in 11.x, where the flag is deprecated because strong typing is always on). Taken by name, so
+    the bit is right for each version; 0 if a later release drops the flag."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
 def _parse(trt: Any, builder: Any, logger: Any, graph_path: Path) -> Any:
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     # parse_from_file resolves model.onnx.data next to the graph (external weights).
     if not parser.parse_from_file(str(graph_path)):
@@ -170,7 +178,7 @@ def _build_serialized(trt: Any, graph_path: Path, profiles: list[Profile], works
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
         log.warning("timing cache %s is from another device/TensorRT; starting a new one", cache_path)
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     for p in profiles:

@@ -27,7 +27,7 @@ from gptedge.runtime import contract
 from gptedge.runtime.bundle import Bundle
 from gptedge.runtime.errors import EngineError, GenerationError
 from gptedge.runtime.trt import engine_cache as ec
-from gptedge.runtime.trt.build import current_environment, import_tensorrt, resolve_graph
+from gptedge.runtime.trt.build import current_environment, import_tensorrt, resolve_graph, trt_logger
 from gptedge.runtime.trt.cuda_mem import CUDA_PYTHON_HINT, DeviceBuffer, PinnedArray, Stream
 from gptedge.runtime.trt.profiles import profile_for
 
@@ -92,7 +92,7 @@ class _Runner:
         self.trt, self.stream, self.path = trt, stream, path
         self.max_batch, self.max_context = int(meta["max_batch"]), int(meta["max_context"])
         self.role = meta["key"]["role"]
-        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.logger = trt_logger(trt)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:

@@ -9,6 +9,7 @@ bundle int8 ones. No FP16/INT8 builder flags and no calibrator: those are weak t
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -86,6 +87,14 @@ def import_tensorrt() -> Any:
         raise BackendUnavailableError(f"TensorRT {tensorrt.__version__} found; gptedge needs TensorRT >= 10.3 "
                                       "(JetPack 6.1 or newer on a Jetson)")
     return tensorrt
+
+
+@functools.cache
+def trt_logger(trt: Any) -> Any:
+    """The one ``trt.Logger`` of this process. TensorRT keeps the first logger given to a Builder or
+    Runtime for the whole process and warns when a later one differs, and the logger must outlive
+    every object created with it: so builder and runtimes share this one, held for the process."""
+    return trt.Logger(trt.Logger.WARNING)
 
 
 def resolve_graph(bundle: Bundle, graph: str = "auto") -> tuple[str, Path]:
@@ -168,7 +177,7 @@ def _parse(trt: Any, builder: Any, logger: Any, graph_path: Path) -> Any:
 
 def _build_serialized(trt: Any, graph_path: Path, profiles: list[Profile], workspace_mb: int,
                       cache_path: Path) -> memoryview:
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = trt_logger(trt)
     builder = trt.Builder(logger)
     network, _parser = _parse(trt, builder, logger, graph_path)
     names = {network.get_input(i).name for i in range(network.num_inputs)}

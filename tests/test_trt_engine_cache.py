@@ -16,7 +16,7 @@ from conftest import TINY_LLAMA
 
 from gptedge.runtime import contract
 from gptedge.runtime.backends import create_backend
-from gptedge.runtime.backends.trt import NOT_INSTALLED, unavailable_reason
+from gptedge.runtime.backends.trt import NOT_INSTALLED, numpy_dtype, unavailable_reason
 from gptedge.runtime.bundle import load_bundle
 from gptedge.runtime.cli import main
 from gptedge.runtime.errors import BackendUnavailableError, EngineError, InputError
@@ -169,3 +169,10 @@ def test_runtime_import_loads_no_tensorrt_or_cuda():
             "gptedge.runtime.cli.build_cmd; bad = [m for m in sys.modules if m.split('.')[0] in "
             "('tensorrt', 'cuda', 'torch')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_engine_dtypes_map_to_numpy_or_fail_with_the_tensor_name():
+    assert numpy_dtype("input_ids", "INT64") == np.int64 and numpy_dtype("logits", "HALF") == np.float16
+    assert numpy_dtype("present.0.key", "FLOAT") == np.float32 and numpy_dtype("x", "INT32") == np.int32
+    with pytest.raises(EngineError, match="'logits' has TensorRT type BF16"):
+        numpy_dtype("logits", "BF16")

@@ -61,6 +61,22 @@ def availability(bundle: Bundle) -> str | None:
     return unavailable_reason(_has_module("tensorrt"), has_cuda, bundle)
 
 
+# TensorRT DataType member name -> numpy dtype. Our own table, not trt.nptype: nptype raises a bare
+# TypeError (naming no tensor) for types numpy lacks (BF16, FP8, INT4, FP4), and pre-10 tables lack INT64.
+_NUMPY_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32,
+                 "INT64": np.int64, "BOOL": np.bool_, "UINT8": np.uint8}
+
+
+def numpy_dtype(tensor: str, trt_dtype: Any) -> np.dtype:
+    """numpy dtype of an engine I/O tensor of TensorRT type ``trt_dtype`` (a ``trt.DataType`` or its
+    member name); EngineError naming the tensor when numpy has no such type."""
+    name = trt_dtype if isinstance(trt_dtype, str) else getattr(trt_dtype, "name", str(trt_dtype).split(".")[-1])
+    if name not in _NUMPY_DTYPES:
+        raise EngineError(f"engine tensor '{tensor}' has TensorRT type {name}, which the backend cannot stage "
+                          "through numpy; export the bundle with float32/float16 inputs and outputs")
+    return np.dtype(_NUMPY_DTYPES[name])
+
+
 @dataclass
 class TrtState:
     """One generation's KV cache: ``kv[0]``/``kv[1]`` are the two buffer sets (one DeviceBuffer per
@@ -100,7 +116,7 @@ class _Runner:
                               f"GPU?); rebuild with: {ec.build_command(bundle.path, meta.get('options'))}")
         self.past = contract.past_names(arch.num_layers)
         self.present = contract.present_names(arch.num_layers)
-        self.dtype = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n)))
+        self.dtype = {n: numpy_dtype(n, self.engine.get_tensor_dtype(n))
                       for n in (self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors))}
         self.kv_shape = (arch.num_kv_heads, arch.head_dim)
         self.kv_bytes = (self.max_batch * arch.num_kv_heads * self.max_context * arch.head_dim

@@ -16,7 +16,7 @@ from conftest import TINY_LLAMA
 
 from gptedge.runtime import contract
 from gptedge.runtime.backends import create_backend
-from gptedge.runtime.backends.trt import NOT_INSTALLED, numpy_dtype, unavailable_reason
+from gptedge.runtime.backends.trt import NOT_INSTALLED, kv_step, numpy_dtype, unavailable_reason
 from gptedge.runtime.bundle import load_bundle
 from gptedge.runtime.cli import main
 from gptedge.runtime.errors import BackendUnavailableError, EngineError, InputError
@@ -176,3 +176,35 @@ def test_engine_dtypes_map_to_numpy_or_fail_with_the_tensor_name():
     assert numpy_dtype("present.0.key", "FLOAT") == np.float32 and numpy_dtype("x", "INT32") == np.int32
     with pytest.raises(EngineError, match="'logits' has TensorRT type BF16"):
         numpy_dtype("logits", "BF16")
+
+
+def test_kv_ping_pong_packed_layout_matches_a_full_pass(llama_bundle):
+    """The backend's KV schedule, with numpy arrays standing in for its two device buffer sets: each
+    past/present is a packed view from the start of a max-context buffer (as bound in TensorRT), present
+    of step t is written into the set step t+1 reads. batch 2 x 2 KV heads: a [B,K,P,D] tensor inside a
+    [B,K,Pmax,D] layout would be wrong here, the packed schedule must match an uncached pass exactly."""
+    session = ort.InferenceSession(str(llama_bundle / "model_last.onnx"), providers=["CPUExecutionProvider"])
+    a, batch, n = TINY_LLAMA, 2, 12
+    names, outs = contract.past_names(a.num_layers), contract.present_names(a.num_layers)
+    sets = [[np.full(batch * a.num_kv_heads * n * a.head_dim, np.nan, np.float32) for _ in names] for _ in range(2)]
+    tokens = np.random.default_rng(1).integers(0, a.vocab_size, size=(batch, n))
+
+    def feeds(ids, past_len, kv):
+        seq = ids.shape[1]
+        return {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: np.ones((batch, past_len + seq), np.int64),
+                contract.POSITION_IDS: np.arange(past_len, past_len + seq)[None].repeat(batch, 0), **kv}
+
+    cur, length = 0, 0
+    for seq in (5, 1, 1, 3, 1, 1):
+        ids = tokens[:, length:length + seq]
+        read, write, past_shape, present_shape = kv_step(cur, length, seq, batch, a.num_kv_heads, a.head_dim)
+        size = int(np.prod(past_shape))
+        kv = {name: buf[:size].reshape(past_shape) for name, buf in zip(names, sets[read])}
+        logits, *presents = session.run([contract.LOGITS, *outs], feeds(ids, length, kv))
+        for buf, present in zip(sets[write], presents):
+            assert present.shape == present_shape
+            buf[:present.size] = present.reshape(-1)  # TensorRT writes the packed output here
+        cur, length = write, length + seq
+        empty = {name: np.zeros((batch, a.num_kv_heads, 0, a.head_dim), np.float32) for name in names}
+        (reference,) = session.run([contract.LOGITS], feeds(tokens[:, :length], 0, empty))
+        np.testing.assert_allclose(logits, reference, rtol=1e-5, atol=1e-5)

@@ -77,6 +77,21 @@ def numpy_dtype(tensor: str, trt_dtype: Any) -> np.dtype:
     return np.dtype(_NUMPY_DTYPES[name])
 
 
+def kv_step(cur: int, past: int, seq: int, batch: int, kv_heads: int, head_dim: int
+            ) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
+    """One step of the ping-pong: (set read as ``past``, set written as ``present``, past shape,
+    present shape), shapes ``[B, kv_heads, length, head_dim]``.
+
+    Each tensor is bound PACKED (dense, row-major) at its current shape from the start of its buffer:
+    TensorRT takes a base address per I/O tensor and assumes the dense layout of the shape set for it,
+    so a ``[B, K, P, D]`` view inside a ``[B, K, max_context, D]`` layout would be read wrongly whenever
+    ``B * K > 1``. No strides are needed: present of step t has exactly the shape that past of step
+    t+1 is bound with, and it sits in the set step t+1 reads, so the cache is never copied or re-packed.
+    Each buffer is sized for ``max_batch * K * max_context * D`` elements, the largest packed present.
+    """
+    return cur, 1 - cur, (batch, kv_heads, past, head_dim), (batch, kv_heads, past + seq, head_dim)
+
+
 @dataclass
 class TrtState:
     """One generation's KV cache: ``kv[0]``/``kv[1]`` are the two buffer sets (one DeviceBuffer per
@@ -173,11 +188,15 @@ class _Runner:
             self.stream.h2d(self.dev[name].ptr, self.host[name].ptr, staged.nbytes)
             self._shape(context, name, value.shape)
             self._bind(context, name, self.dev[name].ptr)
-        reads, writes = state.kv[state.cur], state.kv[1 - state.cur]
-        for name_in, name_out, src, dst in zip(self.past, self.present, reads, writes):
-            self._shape(context, name_in, (batch, self.kv_shape[0], past, self.kv_shape[1]))
+        read, write, past_shape, present_shape = kv_step(state.cur, past, seq, batch, *self.kv_shape)
+        for name_in, name_out, src, dst in zip(self.past, self.present, state.kv[read], state.kv[write]):
+            self._shape(context, name_in, past_shape)
             self._bind(context, name_in, src.ptr)
             self._bind(context, name_out, dst.ptr)
+        got = tuple(context.get_tensor_shape(self.present[0]))
+        if got != present_shape:  # the ping-pong needs present = concat(past, new) along the length axis
+            raise EngineError(f"{self.path}: {self.present[0]} has shape {got}, expected {present_shape}; "
+                              "the graph does not follow the gptedge KV contract")
         self._bind(context, contract.LOGITS, self.dev[contract.LOGITS].ptr)
         if not context.execute_async_v3(self.stream.ptr):
             raise EngineError(f"{self.path}: TensorRT execute_async_v3 failed (see the TensorRT log)")
@@ -190,7 +209,7 @@ class _Runner:
         else:  # full-logits engine: only the last position of every row comes back
             self.stream.d2h_rows(self.host_logits.ptr, self.dev[contract.LOGITS].ptr + (seq - 1) * row,
                                  row, seq * row, batch)
-        state.cur, state.length = 1 - state.cur, past + seq
+        state.cur, state.length = write, past + seq
 
     def _shape(self, context: Any, name: str, shape: tuple[int, ...]) -> None:
         if not context.set_input_shape(name, tuple(int(d) for d in shape)):

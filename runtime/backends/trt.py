@@ -244,17 +244,27 @@ class TrtBackend:
     def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
         self.bundle = bundle
         self.trt = import_tensorrt()
-        self.stream = Stream()
         role, graph_path = resolve_graph(bundle, "auto")
+        self.stream = Stream()
         try:
-            self.runner = _load_runner(self.trt, bundle, role, graph_path, self.stream)
-        except EngineError:
-            if role == "model":
-                raise
-            # No model_last engine: a full-graph engine also generates (last row copied back).
-            self.runner = _load_runner(self.trt, bundle, "model", bundle.model_path, self.stream)
+            self.runner = self._first_runner(role, graph_path)
+        except BaseException:
+            self.stream.destroy()
+            raise
         self._full: _Runner | None = self.runner if self.runner.role == "model" else None
         self._lock = threading.Lock()
+
+    def _first_runner(self, role: str, graph_path: Path) -> _Runner:
+        try:
+            return _load_runner(self.trt, self.bundle, role, graph_path, self.stream)
+        except EngineError as first:
+            if role == "model":
+                raise
+            # No usable model_last engine: a full-graph engine also generates (last row copied back).
+            try:
+                return _load_runner(self.trt, self.bundle, "model", self.bundle.model_path, self.stream)
+            except EngineError:
+                raise first from None  # the model_last problem is the one to report
 
     def new_state(self, batch: int) -> TrtState:
         return self.runner.new_state(batch)

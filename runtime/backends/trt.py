@@ -1,3 +1,14 @@
+# Reviewed against (API review without hardware, 2026-11; TensorRT never ran in our CI):
+# - TensorRT Python API 10.x, Runtime/ICudaEngine/IExecutionContext pages and python/src/infer/pyCore.cpp:
+#   deserialize_cuda_engine(buffer) -> engine | None; num_io_tensors/get_tensor_name/get_tensor_dtype;
+#   create_execution_context(ExecutionContextAllocationStrategy) (10.0+); set_optimization_profile_async(
+#   index, stream int) raises RuntimeError on failure; set_input_shape/set_tensor_address(name, int) ->
+#   bool; get_tensor_shape; execute_async_v3(stream int) -> bool. Tensors are named once per engine
+#   (no per-profile suffixes in the name-based API); each context selects its own profile.
+# - samples/python/common_runtime.py (TensorRT 10) and cuda-python (cuda.bindings.runtime, 12.x/13.x):
+#   every call returns (cudaError_t, *values); cudaMalloc/cudaMallocHost -> int pointer;
+#   cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyKind, stream); cudaMemcpy2DAsync(dst, dpitch, src, spitch,
+#   width, height, kind, stream); cudaStream_t converts with int().
 """TensorRT backend: runs an engine built by ``gptedge build`` from the bundle's ``engines/``.
 
 Per backend: one CUDA stream, one execution context per optimization profile (prefill, decode;

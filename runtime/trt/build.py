@@ -1,3 +1,14 @@
+# Reviewed against (API review without hardware, 2026-11; TensorRT never ran in our CI):
+# - TensorRT Python API 10.x (docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/
+#   Builder.html, BuilderConfig, OnnxParser, TimingCache) and its pybind sources (python/src/infer/pyCore.cpp,
+#   python/src/parsers/pyOnnx.cpp): create_network(1 << STRONGLY_TYPED) (EXPLICIT_BATCH ignored since 10.0),
+#   OnnxParser.parse_from_file (-> bool; resolves external data beside the file), str(get_error(i)),
+#   set_shape(name, min, opt, max) (raises RuntimeError if inconsistent), set_memory_pool_limit(WORKSPACE,
+#   bytes), create_timing_cache(buffer)/set_timing_cache(cache, ignore_mismatch) -> bool,
+#   build_serialized_network -> IHostMemory | None.
+# - TensorRT 10.x -> 11.x migration guide, "Removed Python APIs" (.../api/migration/
+#   tensorrt-10x-to-11x-python-api-reference.html): weak typing (BuilderFlag.FP16/INT8/...), calibrators and
+#   quantization flags are removed; STRONGLY_TYPED is kept but ignored. None of the removed APIs is used here.
 """``gptedge build``: a TensorRT engine from the bundle's graph, stored in ``<bundle>/engines/``.
 
 The network is created strongly typed (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``, present

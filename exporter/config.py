@@ -21,6 +21,11 @@ class ExportConfig:
     - ``allow_missing_tokenizer``: export a bundle that generates from token ids only.
     - ``validate``: run the parity check against the source model after exporting.
     - ``last_logits_variant``: also write ``model_last.onnx`` (LM head on the last position only).
+    - ``prune_method``: prune the blocks' linear layers before tracing: ``magnitude``, ``2:4``
+      (``sparsity`` 0.5) or ``structured`` (removes that fraction of MLP neurons); see
+      :mod:`gptedge.exporter.prune`. ``finetune_steps`` AdamW steps at peak ``finetune_lr`` on
+      ``finetune_text`` (tokenized with the checkpoint's tokenizer) then recover quality with the
+      pruning masks held fixed (see :mod:`gptedge.exporter.finetune`).
     """
 
     max_context: int | None = None
@@ -31,6 +36,11 @@ class ExportConfig:
     last_logits_variant: bool = True
     overwrite: bool = False
     tolerance: float = 1e-4
+    prune_method: str | None = None
+    sparsity: float = 0.5
+    finetune_steps: int = 0
+    finetune_text: Path | None = None
+    finetune_lr: float = 5e-4
 
     def __post_init__(self) -> None:
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
@@ -39,3 +49,26 @@ class ExportConfig:
             raise InputError(f"--max-context {self.max_context}: must be at least 2 tokens")
         if self.tokenizer is not None:
             object.__setattr__(self, "tokenizer", Path(self.tokenizer))
+        if self.finetune_text is not None:
+            object.__setattr__(self, "finetune_text", Path(self.finetune_text))
+        self._check_pruning()
+
+    def _check_pruning(self) -> None:
+        methods = ("magnitude", "2:4", "structured")  # gptedge.exporter.prune.PRUNE_METHODS
+        problems = []
+        if self.prune_method is not None and self.prune_method not in methods:
+            problems.append(f"--prune {self.prune_method!r}: must be one of {', '.join(methods)}")
+        if not 0.0 < self.sparsity < 1.0:
+            problems.append(f"--sparsity {self.sparsity}: must be between 0 and 1 (exclusive)")
+        elif self.prune_method == "2:4" and self.sparsity != 0.5:
+            problems.append(f"--sparsity {self.sparsity}: 2:4 pruning removes exactly half; pass 0.5")
+        if not isinstance(self.finetune_steps, int) or self.finetune_steps < 0:
+            problems.append(f"--finetune-steps {self.finetune_steps!r}: must be a whole number >= 0")
+        elif self.finetune_steps and self.finetune_text is None:
+            problems.append("--finetune-steps needs --finetune-text (the text to fine-tune on)")
+        if self.prune_method is None and (self.finetune_steps or self.finetune_text is not None):
+            problems.append("--finetune-steps/--finetune-text recover from pruning; add --prune METHOD")
+        if not self.finetune_lr > 0:
+            problems.append(f"--finetune-lr {self.finetune_lr}: must be > 0")
+        if problems:
+            raise InputError("; ".join(problems))

@@ -56,14 +56,22 @@ def export_loaded(checkpoint: LoadedCheckpoint, config: ExportConfig,
         arch = _with_context(arch, config.max_context)
     _check_tokenizer_fits(checkpoint, arch)
     decoder = build_decoder(arch, checkpoint.state_dict, checkpoint.source.get("path", "checkpoint"))
+    pruned = None
+    if config.prune_method:  # the exported (and parity-checked) model is the pruned, fine-tuned one
+        from gptedge.exporter.finetune import prune_and_recover
+        decoder, pruned = prune_and_recover(decoder, checkpoint.tokenizer, config)
+        arch = decoder.arch
     with atomic_output_dir(out_dir, overwrite=config.overwrite) as tmp:
         _write_graphs(decoder, config, tmp)
         manifest = _manifest(checkpoint, arch, config)
+        if pruned:
+            manifest.history.append(pruned)
+            manifest.precision["sparsity"] = {"method": config.prune_method, "fraction": config.sparsity}
         _write_side_files(checkpoint, tmp)
         write_manifest(tmp, manifest)
         if config.validate:
             from gptedge.exporter.validate import check_parity
-            reference = checkpoint.reference() if checkpoint.reference else decoder
+            reference = checkpoint.reference() if checkpoint.reference and not pruned else decoder
             del checkpoint, decoder  # the ONNX graph is on disk; free what parity does not need
             gc.collect()
             manifest.parity = check_parity(tmp, reference, arch, config.tolerance)
@@ -125,7 +133,7 @@ def _write_graphs(decoder: Decoder, config: ExportConfig, folder: Path) -> None:
         for name, last_only in variants:
             decoder.last_logits_only = last_only
             try:
-                model = trace_to_onnx(decoder, config.opset)
+                model = trace_to_onnx(decoder, config.opset, writer)
             finally:
                 decoder.last_logits_only = False
             writer.save(model, name)

@@ -16,6 +16,12 @@ def register(subparsers) -> None:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, 18..20 (default 18)")
     p.add_argument("--no-validate", action="store_true", help="skip the parity check")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    g = p.add_argument_group("pruning and recovery fine-tune")
+    g.add_argument("--prune", choices=("magnitude", "2:4", "structured"), help="prune the blocks' linear layers before export (structured: whole MLP neurons)")
+    g.add_argument("--sparsity", type=float, default=0.5, help="fraction pruned (default 0.5; 2:4 is always 0.5)")
+    g.add_argument("--finetune-steps", type=int, default=0, help="recovery fine-tune steps after pruning, masks held fixed (default 0)")
+    g.add_argument("--finetune-text", type=Path, help="UTF-8 text to fine-tune on (the last 10 %% scores one-shot vs recovered)")
+    g.add_argument("--finetune-lr", type=float, default=5e-4, help="peak AdamW learning rate of the fine-tune (default 5e-4)")
     p.set_defaults(func=run)
 
 
@@ -27,11 +33,17 @@ def run(args: argparse.Namespace) -> int:
 
     config = ExportConfig(max_context=args.max_context, opset=args.opset, tokenizer=args.tokenizer,
                           allow_missing_tokenizer=args.no_tokenizer, validate=not args.no_validate,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, prune_method=args.prune, sparsity=args.sparsity,
+                          finetune_steps=args.finetune_steps, finetune_text=args.finetune_text,
+                          finetune_lr=args.finetune_lr)
     console = Console()
     with console.status(f"exporting {args.source} ..."):
         bundle = export(args.source, config, args.output)
     if bundle.manifest.parity:
         console.print(parity_table(bundle.manifest.parity))
+    pruned = next((h for h in bundle.manifest.history if h.get("step") == "prune"), None)
+    if pruned and pruned.get("heldout_perplexity"):
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in pruned["heldout_perplexity"].items())
+        console.print(f"held-out perplexity ({pruned['heldout_tokens']} tokens): {scores}")
     console.print(f"[green]wrote[/green] {bundle.path}")
     return 0

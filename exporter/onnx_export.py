@@ -14,10 +14,12 @@ import warnings
 from collections import Counter
 
 import onnx
+import onnx_ir as ir
 import torch
 
 from gptedge.exporter.model import Decoder
 from gptedge.runtime import contract
+from gptedge.runtime.onnx_io import INLINE_LIMIT, SharedWeightsWriter
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +61,11 @@ def _dynamic_shapes(num_layers: int, max_context: int):
             "position_ids": {0: batch, 1: seq}, "past_flat": kv}
 
 
-def trace_to_onnx(decoder: Decoder, opset: int) -> onnx.ModelProto:
-    """Export ``decoder`` (eval mode, fp32) to an in-memory ONNX model following the contract."""
+def trace_to_onnx(decoder: Decoder, opset: int, writer: SharedWeightsWriter | None = None) -> onnx.ModelProto:
+    """Export ``decoder`` (eval mode, fp32) to an ONNX model following the contract.
+
+    With ``writer`` the large weights go straight to its shared data file and the returned graph
+    references them, so no in-memory protobuf copy of the weights is ever made."""
     arch = decoder.arch
     wrapper = _FlatIO(decoder.eval())
     with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter_logs():
@@ -70,9 +75,24 @@ def trace_to_onnx(decoder: Decoder, opset: int) -> onnx.ModelProto:
             dynamic_shapes=_dynamic_shapes(arch.num_layers, arch.max_context),
             input_names=contract.input_names(arch.num_layers),
             output_names=contract.output_names(arch.num_layers), verbose=False, report=False)
+    if writer is not None:
+        _externalize(program.model, writer)
     model = program.model_proto
+    del program
     tidy_graph(model, arch.num_layers)
     return model
+
+
+def _externalize(model: ir.Model, writer: SharedWeightsWriter) -> None:
+    """Move each large initializer's bytes to the writer's file, one tensor at a time; the folded
+    copies the exporter made (transposed weights) are freed as they are replaced."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes <= INLINE_LIMIT:
+            continue
+        offset, length = writer.store(tensor.tobytes(), int(tensor.dtype))
+        value.const_value = ir.ExternalTensor(writer.data_name, offset, length, tensor.dtype,
+                                              shape=tensor.shape, name=value.name, base_dir=str(writer.folder))
 
 
 @contextlib.contextmanager

@@ -34,13 +34,7 @@ class SharedWeightsWriter:
             if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor_nbytes(tensor) <= INLINE_LIMIT:
                 continue
             raw = _raw_bytes(tensor)
-            key = hashlib.sha256(raw).hexdigest() + f":{tensor.data_type}"
-            if key not in self._written:
-                offset = self._file.tell()
-                self._file.write(raw)
-                self._file.write(b"\0" * (-len(raw) % _ALIGN))
-                self._written[key] = (offset, len(raw))
-            offset, length = self._written[key]
+            offset, length = self.store(raw, tensor.data_type)
             if not tensor.HasField("raw_data"):
                 tensor.raw_data = raw  # set_external_data insists on raw_data being present
             external_data_helper.set_external_data(tensor, self.data_name, offset, length)
@@ -51,6 +45,17 @@ class SharedWeightsWriter:
         path = self.folder / name
         onnx.save_model(model, path)
         return path
+
+    def store(self, raw: bytes, data_type: int) -> tuple[int, int]:
+        """Write ``raw`` (a tensor's bytes of ONNX ``data_type``) unless identical bytes of that type
+        are already in the file; return its (offset, length) there."""
+        key = hashlib.sha256(raw).hexdigest() + f":{data_type}"
+        if key not in self._written:
+            offset = self._file.tell()
+            self._file.write(raw)
+            self._file.write(b"\0" * (-len(raw) % _ALIGN))
+            self._written[key] = (offset, len(raw))
+        return self._written[key]
 
     def close(self) -> None:
         self._file.close()

@@ -18,6 +18,7 @@ FP16_KEEP_FP32 = ("LayerNormalization", "SimplifiedLayerNormalization", "ReduceM
 CALIB_METHODS = ("minmax", "percentile", "entropy")
 PRUNE_METHODS = ("magnitude", "wanda", "2:4", "structured")
 INT4_FORMATS = ("matmulnbits", "qdq")
+INT8_KERNELS = ("matmulinteger", "matmulnbits")
 
 
 def _fail(problems: list[str], what: str) -> None:
@@ -44,14 +45,31 @@ class Fp16Config:
 
 @dataclass(frozen=True)
 class Int8DynamicConfig:
-    """Per-channel int8 weights, activations quantized at run time (ORT CPU ``MatMulInteger``).
+    """Int8 weights, activations quantized to int8 at run time (ORT CPU only).
 
+    ``kernel="matmulinteger"``: per-channel (``per_channel``) int8 weights through onnxruntime's
+    ``quantize_dynamic`` (``MatMulInteger``/``DynamicQuantizeMatMul``). ``kernel="matmulnbits"``:
+    ``com.microsoft.MatMulNBits`` with 8 bits, symmetric blocks of ``block_size`` input channels and
+    ``accuracy_level`` 4 (int8 compute: the VNNI/AMX kernels) — what onnxruntime-genai's int8 uses.
     Every linear layer is quantized, the LM head included. The bundle is CPU-only.
     """
 
     per_channel: bool = True
+    kernel: str = "matmulinteger"
+    block_size: int = 32
+    accuracy_level: int = 4
     mode: ClassVar[str] = "int8-dynamic"
     default_budget: ClassVar[float | None] = 2.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.kernel not in INT8_KERNELS:
+            problems.append(f"kernel={self.kernel!r} is not one of {INT8_KERNELS}")
+        if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size & (self.block_size - 1):
+            problems.append(f"block_size={self.block_size!r} must be a power of two >= 16")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            problems.append(f"accuracy_level={self.accuracy_level!r} must be 0-4")
+        _fail(problems, "Int8DynamicConfig")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ TensorRT whose parser reads opset 21 and documents blocked int4 DQ: the "10.x" r
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -44,10 +46,11 @@ def to_int4(job: Job, config: Int4Config) -> None:
         job.precision.update(cpu_only=False, tensorrt_min_version=TENSORRT_MIN_VERSION)
 
 
-def matmulnbits(model: onnx.ModelProto, config: Int4Config) -> onnx.ModelProto:
+def matmulnbits(model: onnx.ModelProto, config: Any, bits: int = 4) -> onnx.ModelProto:
+    """Every linear layer -> ``MatMulNBits`` (``bits``; ``config.block_size``, ``.accuracy_level``)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=config.block_size, is_symmetric=True,
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=config.block_size, is_symmetric=True,
                                      accuracy_level=config.accuracy_level,
                                      nodes_to_include=[lin.node for lin in linear_layers(model)])
     quantizer.process()

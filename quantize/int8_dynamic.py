@@ -17,6 +17,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from gptedge.quantize.config import Int8DynamicConfig
 from gptedge.quantize.graph_utils import linear_layers
+from gptedge.quantize.int4 import matmulnbits
 from gptedge.quantize.job import Job
 from gptedge.quantize.registry import handler
 from gptedge.runtime.errors import BundleError
@@ -27,8 +28,21 @@ def to_int8_dynamic(job: Job, config: Int8DynamicConfig) -> None:
     job.require_source_precision("int8-dynamic")
     job.record["layers_quantized"] = [lin.weight for lin in linear_layers(job.graphs["model"])]
     for role, model in job.graphs.items():
-        job.graphs[role] = quantize_graph(model, config)
+        if config.kernel == "matmulnbits":
+            job.graphs[role] = _matmulnbits8(model, config)
+        else:
+            job.graphs[role] = quantize_graph(model, config)
     job.precision.update(weights="int8", activations="int8-dynamic", cpu_only=True)
+    if config.kernel == "matmulnbits":
+        job.precision.update(weight_block_size=config.block_size, accuracy_level=config.accuracy_level)
+
+
+def _matmulnbits8(model: onnx.ModelProto, config: Int8DynamicConfig) -> onnx.ModelProto:
+    quantized = matmulnbits(model, config, bits=8)
+    left = [lin.weight for lin in linear_layers(quantized)]
+    if left:
+        raise BundleError(f"int8-dynamic left linear layers in float: {left}; report this with the bundle")
+    return quantized
 
 
 def quantize_graph(model: onnx.ModelProto, config: Int8DynamicConfig) -> onnx.ModelProto:

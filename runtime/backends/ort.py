@@ -71,6 +71,11 @@ class OrtBackend:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not _spinning():
+            # Idle pool threads sleep instead of spin-waiting. A decode step is hundreds of tiny
+            # ops; with spinning, a thread sharing its core with any other work (or with the other
+            # hyperthread) burns the time the busy thread needs: 2x slower decode at load ~3 here.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" \
             else ["CPUExecutionProvider"]
         try:
@@ -135,6 +140,11 @@ class OrtBackend:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _spinning() -> bool:
+    """Thread-pool spin-waiting: off unless GPTEDGE_ORT_SPINNING=1 (see benchmarks/NOTES.md)."""
+    return os.environ.get("GPTEDGE_ORT_SPINNING", "0") == "1"
 
 
 def _last_row(logits: np.ndarray) -> np.ndarray:

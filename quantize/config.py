@@ -47,15 +47,16 @@ class Fp16Config:
 class Int8DynamicConfig:
     """Int8 weights, activations quantized to int8 at run time (ORT CPU only).
 
-    ``kernel="matmulinteger"``: per-channel (``per_channel``) int8 weights through onnxruntime's
-    ``quantize_dynamic`` (``MatMulInteger``/``DynamicQuantizeMatMul``). ``kernel="matmulnbits"``:
-    ``com.microsoft.MatMulNBits`` with 8 bits, symmetric blocks of ``block_size`` input channels and
-    ``accuracy_level`` 4 (int8 compute: the VNNI/AMX kernels) — what onnxruntime-genai's int8 uses.
+    ``kernel="matmulnbits"`` (default): ``com.microsoft.MatMulNBits`` with 8 bits, symmetric blocks
+    of ``block_size`` input channels and ``accuracy_level`` 4 (int8 compute: the VNNI/AMX kernels),
+    as onnxruntime-genai's int8 does; 1.2x the decode speed of ``kernel="matmulinteger"``
+    (benchmarks/NOTES.md): per-channel (``per_channel``) int8 weights through onnxruntime's
+    ``quantize_dynamic`` (``MatMulInteger``/``DynamicQuantizeMatMul``).
     Every linear layer is quantized, the LM head included. The bundle is CPU-only.
     """
 
     per_channel: bool = True
-    kernel: str = "matmulinteger"
+    kernel: str = "matmulnbits"
     block_size: int = 32
     accuracy_level: int = 4
     mode: ClassVar[str] = "int8-dynamic"

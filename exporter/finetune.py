@@ -29,7 +29,14 @@ from gptedge.exporter.checkpoints import TokenizerFiles
 from gptedge.exporter.config import ExportConfig
 from gptedge.exporter.corpus import VAL_FRACTION
 from gptedge.exporter.model import Decoder
-from gptedge.exporter.train import TrainConfig, _batch, _estimate, _loss, _optimizer, learning_rate
+from gptedge.exporter.train import (
+    TrainConfig,
+    estimate_losses,
+    learning_rate,
+    make_optimizer,
+    next_token_loss,
+    sample_batch,
+)
 from gptedge.runtime.errors import GenerationError, InputError
 from gptedge.runtime.tokenizer import CharTokenizer, HfTokenizer, Llama2cTokenizer, Tokenizer
 
@@ -84,7 +91,7 @@ def _run_config(config: ExportConfig, context: int) -> TrainConfig:
 def _finetune(decoder: Decoder, masks: dict[str, torch.Tensor], tokens: torch.Tensor,
               run: TrainConfig) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(run.seed)
-    optimizer = _optimizer(decoder, run)
+    optimizer = make_optimizer(decoder, run)
     decoder.train()
     losses: list[float] = []
     start = time.perf_counter()
@@ -92,7 +99,7 @@ def _finetune(decoder: Decoder, masks: dict[str, torch.Tensor], tokens: torch.Te
         for step in range(run.steps):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, run)
-            loss = _loss(decoder, *_batch(tokens, run, generator))
+            loss = next_token_loss(decoder, *sample_batch(tokens, run, generator))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(decoder.parameters(), run.grad_clip)
@@ -107,7 +114,7 @@ def _finetune(decoder: Decoder, masks: dict[str, torch.Tensor], tokens: torch.Te
 
 
 def _perplexity(decoder: Decoder, data: dict[str, torch.Tensor], run: TrainConfig) -> float:
-    return math.exp(_estimate(decoder, {"val": data["val"]}, run)["val"])
+    return math.exp(estimate_losses(decoder, {"val": data["val"]}, run)["val"])
 
 
 def _token_data(path: Path, files: TokenizerFiles | None, context: int) -> dict[str, torch.Tensor]:

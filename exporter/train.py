@@ -158,7 +158,7 @@ def train_on(corpus: Corpus, config: TrainConfig,
                          f"({len(corpus.text)} characters); give a longer text or a smaller block size")
     model = Decoder(architecture(config, len(chars))).to(config.device)
     _init_like_nanogpt(model, config.n_layer)
-    optimizer = _optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     threads = torch.get_num_threads()
     try:
         result = _fit(model, optimizer, data, config, progress)
@@ -194,7 +194,7 @@ def _init_like_nanogpt(model: Decoder, n_layer: int) -> None:
                 param.normal_(0.0, 0.02)
 
 
-def _optimizer(model: Decoder, config: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: Decoder, config: TrainConfig) -> torch.optim.AdamW:
     # nanoGPT's configure_optimizers: weight decay on matrices only, betas (0.9, 0.99) for tiny models.
     params = list({id(p): p for p in model.parameters()}.values())  # the tied head counts once
     decay = [p for p in params if p.dim() >= 2]
@@ -213,14 +213,14 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (config.lr - min_lr)
 
 
-def _batch(data: torch.Tensor, config: TrainConfig, generator: torch.Generator):
+def sample_batch(data: torch.Tensor, config: TrainConfig, generator: torch.Generator):
     starts = torch.randint(len(data) - config.block_size - 1, (config.batch_size,), generator=generator)
     x = torch.stack([data[i:i + config.block_size] for i in starts])  # B, T
     y = torch.stack([data[i + 1:i + 1 + config.block_size] for i in starts])
     return x.to(config.device), y.to(config.device)
 
 
-def _loss(model: Decoder, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def next_token_loss(model: Decoder, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     B, T = x.shape
     positions = torch.arange(T, device=x.device).expand(B, T)
     mask = torch.ones(B, T, dtype=torch.long, device=x.device)
@@ -232,13 +232,13 @@ def _loss(model: Decoder, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _estimate(model: Decoder, data: dict[str, torch.Tensor], config: TrainConfig) -> dict[str, float]:
+def estimate_losses(model: Decoder, data: dict[str, torch.Tensor], config: TrainConfig) -> dict[str, float]:
     # A fixed generator: every evaluation sees the same batches, so the curve is comparable.
     model.eval()
     out = {}
     for split, tokens in data.items():
         generator = torch.Generator().manual_seed(config.seed + 1)
-        losses = [_loss(model, *_batch(tokens, config, generator)).item() for _ in range(config.eval_iters)]
+        losses = [next_token_loss(model, *sample_batch(tokens, config, generator)).item() for _ in range(config.eval_iters)]
         out[split] = sum(losses) / len(losses)
     model.train()
     return out
@@ -253,7 +253,7 @@ def _fit(model, optimizer, data, config: TrainConfig, progress) -> TrainResult:
         if step % config.eval_interval == 0 or step == config.steps:
             if step < config.steps:
                 torch.set_num_threads(config.threads or pick_threads(model, data["train"], config))
-            losses = _estimate(model, data, config)
+            losses = estimate_losses(model, data, config)
             evals.append({"step": step, "train": losses["train"], "val": losses["val"]})
             if progress:
                 progress(TrainEvent(step, config.steps, loss, losses["val"]))
@@ -261,7 +261,7 @@ def _fit(model, optimizer, data, config: TrainConfig, progress) -> TrainResult:
             break
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
-        loss_t = _loss(model, *_batch(data["train"], config, generator))
+        loss_t = next_token_loss(model, *sample_batch(data["train"], config, generator))
         optimizer.zero_grad(set_to_none=True)
         loss_t.backward()
         if config.grad_clip:
@@ -283,14 +283,14 @@ def pick_threads(model: Decoder, tokens: torch.Tensor, config: TrainConfig) -> i
     most = min(2, os.cpu_count() or 1)
     if most == 1:
         return 1
-    x, y = _batch(tokens, config, torch.Generator().manual_seed(0))
+    x, y = sample_batch(tokens, config, torch.Generator().manual_seed(0))
     best: tuple[float, int] | None = None
     for threads in (1, most):
         torch.set_num_threads(threads)
         timings = []
         for _ in range(2):  # the first pass after a switch also starts the thread pool
             begin = time.perf_counter()
-            _loss(model, x, y).backward()
+            next_token_loss(model, x, y).backward()
             timings.append(time.perf_counter() - begin)
         model.zero_grad(set_to_none=True)
         if best is None or min(timings) < best[0]:

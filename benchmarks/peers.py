@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -158,6 +159,7 @@ def engines_for(key: str, spec: dict, work: Path, args: argparse.Namespace) -> t
 
 
 def race(engines: list[pe.Engine], prompts: dict[str, list[int]], args: argparse.Namespace) -> dict:
+    logging.getLogger().setLevel(logging.WARNING)  # onnxruntime's quantizer turns INFO on at import
     for engine in engines:  # warm-up
         engine.run(prompts[engine.model], 8)
     samples: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(engines))}

@@ -71,10 +71,11 @@ class OrtBackend:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if not _spinning():
+        if not _spinning(self.threads):
             # Idle pool threads sleep instead of spin-waiting. A decode step is hundreds of tiny
-            # ops; with spinning, a thread sharing its core with any other work (or with the other
-            # hyperthread) burns the time the busy thread needs: 2x slower decode at load ~3 here.
+            # ops; with spinning, a thread sharing its core with any other work burns the time
+            # the busy thread needs: 1.7-1.9x slower decode at load ~3 on 2 vCPUs. On an idle
+            # machine spinning is 4-13 % faster, hence the load check (benchmarks/NOTES.md).
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" \
             else ["CPUExecutionProvider"]
@@ -142,9 +143,16 @@ class OrtBackend:
         self.close()
 
 
-def _spinning() -> bool:
-    """Thread-pool spin-waiting: off unless GPTEDGE_ORT_SPINNING=1 (see benchmarks/NOTES.md)."""
-    return os.environ.get("GPTEDGE_ORT_SPINNING", "0") == "1"
+def _spinning(threads: int) -> bool:
+    """Whether the thread pool may spin-wait: GPTEDGE_ORT_SPINNING=1/0 decides; otherwise only
+    when the CPUs our threads need are idle (1-minute load average + threads <= CPUs + 0.5)."""
+    forced = os.environ.get("GPTEDGE_ORT_SPINNING")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if threads <= 1 or not hasattr(os, "getloadavg"):
+        return True
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return os.getloadavg()[0] + threads <= cpus + 0.5
 
 
 def _last_row(logits: np.ndarray) -> np.ndarray:

@@ -143,13 +143,15 @@ class Block(nn.Module):
 class Decoder(nn.Module):
     """Decoder-only transformer with an explicit KV cache.
 
-    ``last_logits_only`` makes the LM head run on the last position only (the prefill-speed graph).
+    ``last_logits_only`` makes the LM head run on the last position only (the prefill-speed graph);
+    ``transposed_tied_table`` (export only) stores a tied embedding once, as the LM head's [C, V].
     """
 
     def __init__(self, arch: Architecture, last_logits_only: bool = False):
         super().__init__()
         self.arch = arch
         self.last_logits_only = last_logits_only
+        self.transposed_tied_table = False  # set while exporting; see forward()
         self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size)
         if arch.position == "learned":
             self.pos_embed = nn.Embedding(arch.max_context, arch.hidden_size)
@@ -165,7 +167,15 @@ class Decoder(nn.Module):
         """input_ids, position_ids [B, S]; attention_mask [B, T] (1 keeps a token);
         past_key_values: one (key, value) pair per layer, each [B, K, P, D].
         Returns logits [B, S, V] (or [B, 1, V]) and the presents, each [B, K, T, D]."""
-        x = self.embed(input_ids)  # B, S, C
+        table_t = None
+        if self.arch.tie_word_embeddings and self.transposed_tied_table:
+            # One [C, V] table serves the lookup and the LM head, so the exporter folds a single
+            # transposed constant instead of storing the tied matrix twice.
+            table_t = self.embed.weight.t()  # C, V
+            rows = torch.index_select(table_t, 1, input_ids.reshape(-1))  # C, B*S
+            x = rows.t().reshape(*input_ids.shape, -1)  # B, S, C
+        else:
+            x = self.embed(input_ids)  # B, S, C
         cos = sin = None
         if self.arch.position == "learned":
             x = x + self.pos_embed(position_ids)
@@ -180,7 +190,8 @@ class Decoder(nn.Module):
             presents.append((present_k, present_v))
         if self.last_logits_only:
             x = x[:, -1:, :]
-        logits = self.lm_head(self.norm(x))
+        x = self.norm(x)
+        logits = x @ table_t if table_t is not None else self.lm_head(x)  # B, S, V
         return logits, presents
 
 

@@ -68,13 +68,17 @@ def trace_to_onnx(decoder: Decoder, opset: int, writer: SharedWeightsWriter | No
     references them, so no in-memory protobuf copy of the weights is ever made."""
     arch = decoder.arch
     wrapper = _FlatIO(decoder.eval())
-    with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter_logs():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            wrapper, _example_inputs(decoder), dynamo=True, opset_version=opset, optimize=True,
-            dynamic_shapes=_dynamic_shapes(arch.num_layers, arch.max_context),
-            input_names=contract.input_names(arch.num_layers),
-            output_names=contract.output_names(arch.num_layers), verbose=False, report=False)
+    decoder.transposed_tied_table = True
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter_logs():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                wrapper, _example_inputs(decoder), dynamo=True, opset_version=opset, optimize=True,
+                dynamic_shapes=_dynamic_shapes(arch.num_layers, arch.max_context),
+                input_names=contract.input_names(arch.num_layers),
+                output_names=contract.output_names(arch.num_layers), verbose=False, report=False)
+    finally:
+        decoder.transposed_tied_table = False
     if writer is not None:
         _externalize(program.model, writer)
     model = program.model_proto
@@ -167,8 +171,12 @@ def tidy_graph(model: onnx.ModelProto, num_layers: int) -> None:
         if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in initializers:
             if node.input[1] not in renames and scope:
                 renames[node.input[1]] = ".".join(scope) + ".weight_t"
-        if node.op_type == "Gather" and scope and node.input[0] in initializers:
-            renames.setdefault(node.input[0], ".".join(scope) + ".weight")  # embed / pos_embed tables
+        if node.op_type == "Gather" and node.input[0] in initializers:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            if axis == 1:  # the tied [C, V] table: embedding lookup and LM head share it
+                renames.setdefault(node.input[0], "lm_head.weight_t")
+            elif scope:
+                renames.setdefault(node.input[0], ".".join(scope) + ".weight")  # embed / pos_embed tables
         del node.metadata_props[:]
     del model.metadata_props[:]
     del graph.value_info[:]

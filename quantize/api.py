@@ -14,6 +14,7 @@ import onnx
 from gptedge.quantize.config import QuantConfig, config_record
 from gptedge.quantize.evaluate import greedy_tokens, perplexity_of_ids
 from gptedge.quantize.graph_io import EXTERNAL_DATA_NAME, load_graphs, save_graphs_shared
+from gptedge.quantize.graph_utils import untie_linear_weights
 from gptedge.quantize.job import Job
 from gptedge.quantize.registry import handler_for
 from gptedge.quantize.text import encode, read_text, require_tokens, split_held_out
@@ -57,6 +58,9 @@ def quantize(bundle_dir: str | os.PathLike[str], config: QuantConfig, out_dir: s
     if budget is not None and budget < 0:
         raise InputError(f"--max-ppl-increase {budget}: must be >= 0 (percent)")
     job = Job(bundle=source, graphs=load_graphs(source), calib_ids=calib_ids)
+    if config.mode != "fp16":  # fp16 may keep one shared table; quantizers/pruners rewrite weights
+        for graph in job.graphs.values():
+            untie_linear_weights(graph)
     handler_for(config)(job, config)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         manifest = _write(source, job, tmp)

@@ -40,6 +40,27 @@ def linear_layers(model: onnx.ModelProto) -> list[Linear]:
     return found
 
 
+def untie_linear_weights(model: onnx.ModelProto) -> list[str]:
+    """Give every other consumer of a linear layer's weight its own copy, so that quantizing or
+    pruning the layer leaves them intact (a tied embedding table is both the LM head's weight and
+    the lookup table of a Gather). Returns the weights that were untied."""
+    inits = initializers(model)
+    users = consumers(model)
+    untied = []
+    for linear in linear_layers(model):
+        others = [node for node in users.get(linear.weight, []) if node.name != linear.node]
+        if not others:
+            continue
+        copy = onnx.TensorProto()
+        copy.CopyFrom(inits[linear.weight])
+        copy.name = f"{linear.weight}.untied"
+        model.graph.initializer.append(copy)
+        for node in others:
+            node.input[:] = [copy.name if name == linear.weight else name for name in node.input]
+        untied.append(linear.weight)
+    return untied
+
+
 def get_array(model: onnx.ModelProto, name: str) -> np.ndarray:
     return numpy_helper.to_array(initializers(model)[name])
 

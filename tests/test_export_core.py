@@ -73,3 +73,27 @@ def test_last_position_graph_matches_full_graph(llama_bundle):
     np.testing.assert_allclose(b[:, 0], a[:, -1], atol=1e-6)
     # both graphs read one shared weight file
     assert sorted(p.name for p in llama_bundle.glob("*.data")) == ["model.onnx.data"]
+
+
+def test_tied_embedding_is_stored_once(gpt2_bundle):
+    arch = TINY_GPT2
+    model = onnx.load(str(gpt2_bundle / "model.onnx"), load_external_data=False)
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    assert "embed.weight" not in shapes
+    # [C, V]: the LM head and the lookup (Gather axis=1) share it
+    assert shapes["lm_head.weight_t"] == [arch.hidden_size, arch.vocab_size]
+    users = [n.op_type for n in model.graph.node if "lm_head.weight_t" in n.input]
+    assert sorted(users) == ["Gather", "MatMul"]
+
+
+def test_quantizing_a_tied_bundle_unties_the_lookup_table(gpt2_bundle, tmp_path):
+    from gptedge.quantize import Int4Config, quantize
+    from gptedge.runtime import load
+
+    out = quantize(gpt2_bundle, Int4Config(block_size=32), tmp_path / "int4")
+    model = onnx.load(str(out.path / "model.onnx"), load_external_data=False)
+    gather_tables = [n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0].startswith("lm_head")]
+    assert gather_tables == ["lm_head.weight_t.untied"]  # the lookup stays float
+    assert not any(n.op_type == "MatMul" and "lm_head.weight_t" in n.input for n in model.graph.node)
+    result = load(out.path).generate([1, 2, 3], max_new_tokens=4, ignore_eos=True)
+    assert len(result.tokens) == 4

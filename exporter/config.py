@@ -25,7 +25,8 @@ class ExportConfig:
       (``sparsity`` 0.5) or ``structured`` (removes that fraction of MLP neurons); see
       :mod:`gptedge.exporter.prune`. ``finetune_steps`` AdamW steps at peak ``finetune_lr`` on
       ``finetune_text`` (tokenized with the checkpoint's tokenizer) then recover quality with the
-      pruning masks held fixed (see :mod:`gptedge.exporter.finetune`).
+      pruning masks held fixed (see :mod:`gptedge.exporter.finetune`). ``prune_heads``: with
+      ``structured``, also remove this fraction of every layer's attention heads.
     """
 
     max_context: int | None = None
@@ -41,6 +42,7 @@ class ExportConfig:
     finetune_steps: int = 0
     finetune_text: Path | None = None
     finetune_lr: float = 5e-4
+    prune_heads: float = 0.0
 
     def __post_init__(self) -> None:
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
@@ -68,6 +70,10 @@ class ExportConfig:
             problems.append("--finetune-steps needs --finetune-text (the text to fine-tune on)")
         if self.prune_method is None and (self.finetune_steps or self.finetune_text is not None):
             problems.append("--finetune-steps/--finetune-text recover from pruning; add --prune METHOD")
+        if not 0.0 <= self.prune_heads < 1.0:
+            problems.append(f"--prune-heads {self.prune_heads}: must be a fraction in [0, 1)")
+        elif self.prune_heads and self.prune_method != "structured":
+            problems.append("--prune-heads removes whole attention heads: use it with --prune structured")
         if not self.finetune_lr > 0:
             problems.append(f"--finetune-lr {self.finetune_lr}: must be > 0")
         if problems:

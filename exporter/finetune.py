@@ -63,6 +63,10 @@ def prune_and_recover(decoder: Decoder, tokenizer: TokenizerFiles | None,
     if config.prune_method == "structured":
         decoder = pruning.prune_mlp_neurons(decoder, config.sparsity)
         record["intermediate_size"] = decoder.arch.intermediate_size
+        if config.prune_heads:
+            decoder = pruning.prune_attention_heads(decoder, config.prune_heads)
+            record.update(prune_heads=config.prune_heads, num_heads=decoder.arch.num_heads,
+                          num_kv_heads=decoder.arch.num_kv_heads)
     else:
         masks = pruning.prune_unstructured(decoder, config.prune_method, config.sparsity)
     if data:

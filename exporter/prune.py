@@ -10,7 +10,9 @@ statistics here), computed in the ONNX ``[in, out]`` orientation so ties fall th
 - ``magnitude``: the ``sparsity`` fraction of smallest |W| of every matrix is zeroed.
 - ``2:4``: in every group of 4 consecutive inputs of an output, the 2 smallest are zeroed.
 - ``structured``: whole MLP neurons are removed (rows of up/gate_up, columns of down), scored by
-  ||down column|| * ||up row|| (* ||gate row||); ``intermediate_size`` shrinks.
+  ||down column|| * ||up row|| (* ||gate row||); ``intermediate_size`` shrinks. With a heads
+  fraction, whole attention heads go too (:func:`prune_attention_heads`): the same count in every
+  layer, so ``num_heads`` (and with multi-head attention ``num_kv_heads``) shrink.
 """
 
 from __future__ import annotations
@@ -105,3 +107,50 @@ def reached_sparsity(decoder: Decoder, method: str, dense_width: int) -> float:
     weights = list(prunable_weights(decoder).values())
     zeros = sum(int((w == 0).sum()) for w in weights)
     return zeros / sum(w.numel() for w in weights)
+
+
+def _head_rows(heads: torch.Tensor, head_dim: int, offset: int = 0) -> torch.Tensor:
+    """Row (or column) indices of whole heads in a ``[heads * head_dim, ...]`` matrix."""
+    return (offset + heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+def kept_heads(attn: torch.nn.Module, keep_kv: int, keep_per_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query heads, kv heads) to keep, sorted. Query heads score ||their out columns|| * ||their q
+    rows||; a kv head (with multi-head attention: a head's own k/v) scores its group's sum."""
+    H, K, D = attn.n_head, attn.n_kv, attn.head_dim
+    group = H // K
+    out_cols = torch.linalg.vector_norm(attn.out.weight.reshape(-1, H, D), dim=(0, 2))  # [H]
+    q_rows = torch.linalg.vector_norm(attn.qkv.weight[: H * D].reshape(H, D, -1), dim=(1, 2))
+    score = (out_cols * q_rows).reshape(K, group)
+    kv = torch.sort(torch.argsort(-score.sum(dim=1), stable=True)[:keep_kv]).values
+    within = torch.sort(torch.argsort(-score[kv], dim=1, stable=True)[:, :keep_per_group], dim=1).values
+    return (kv[:, None] * group + within).reshape(-1), kv
+
+
+@torch.no_grad()
+def prune_attention_heads(decoder: Decoder, fraction: float) -> Decoder:
+    """A new decoder without ``fraction`` of every layer's attention heads (the same heads count in
+    every layer). Multi-head attention drops whole heads (q, k, v and out columns); grouped-query
+    attention keeps every kv head and drops query heads inside each group, so the grouping stays."""
+    from gptedge.exporter.export import build_decoder
+
+    arch = decoder.arch
+    H, K, D = arch.num_heads, arch.num_kv_heads, arch.head_dim
+    group = H // K
+    if group == 1:
+        keep_kv, keep_group = max(1, K - int(round(K * fraction))), 1
+    else:
+        keep_kv, keep_group = K, max(1, group - int(round(group * fraction)))
+    state = dict(decoder.state_dict())
+    for index, layer in enumerate(decoder.layers):
+        q_heads, kv_heads = kept_heads(layer.attn, keep_kv, keep_group)
+        rows = torch.cat([_head_rows(q_heads, D), _head_rows(kv_heads, D, H * D),
+                          _head_rows(kv_heads, D, (H + K) * D)])
+        prefix = f"layers.{index}.attn."
+        state[prefix + "qkv.weight"] = state[prefix + "qkv.weight"][rows]
+        if prefix + "qkv.bias" in state:
+            state[prefix + "qkv.bias"] = state[prefix + "qkv.bias"][rows]
+        state[prefix + "out.weight"] = state[prefix + "out.weight"][:, _head_rows(q_heads, D)]
+    smaller = dataclasses.replace(arch, num_heads=keep_kv * keep_group, num_kv_heads=keep_kv)
+    state = {k: v.clone() for k, v in state.items()}
+    return build_decoder(smaller, state, "pruned decoder")

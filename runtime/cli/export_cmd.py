@@ -19,6 +19,7 @@ def register(subparsers) -> None:
     g = p.add_argument_group("pruning and recovery fine-tune")
     g.add_argument("--prune", choices=("magnitude", "2:4", "structured"), help="prune the blocks' linear layers before export (structured: whole MLP neurons)")
     g.add_argument("--sparsity", type=float, default=0.5, help="fraction pruned (default 0.5; 2:4 is always 0.5)")
+    g.add_argument("--prune-heads", type=float, default=0.0, help="with --prune structured: also remove this fraction of every layer's attention heads")
     g.add_argument("--finetune-steps", type=int, default=0, help="recovery fine-tune steps after pruning, masks held fixed (default 0)")
     g.add_argument("--finetune-text", type=Path, help="UTF-8 text to fine-tune on (the last 10 %% scores one-shot vs recovered)")
     g.add_argument("--finetune-lr", type=float, default=5e-4, help="peak AdamW learning rate of the fine-tune (default 5e-4)")
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
                           allow_missing_tokenizer=args.no_tokenizer, validate=not args.no_validate,
                           overwrite=args.overwrite, prune_method=args.prune, sparsity=args.sparsity,
                           finetune_steps=args.finetune_steps, finetune_text=args.finetune_text,
-                          finetune_lr=args.finetune_lr)
+                          finetune_lr=args.finetune_lr, prune_heads=args.prune_heads)
     console = Console()
     with console.status(f"exporting {args.source} ..."):
         bundle = export(args.source, config, args.output)

@@ -36,7 +36,7 @@ def safe_loads(data: bytes, where: str = "pickle") -> Any:
     try:
         value = RestrictedUnpickler(io.BytesIO(data)).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            IndexError, KeyError, MemoryError, RecursionError) as exc:
+            IndexError, KeyError, MemoryError, OverflowError, RecursionError, UnicodeDecodeError) as exc:
         raise InputError(f"{where}: not a plain-data pickle ({exc}); it may try to run code, "
                          "so it was not loaded. Re-create it from plain dicts, lists and strings") from exc
     _check_plain(value, where)

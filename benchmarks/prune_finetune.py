@@ -50,5 +50,7 @@ print("|---|---:|---:|---:|---:|---:|---:|")
 for label, folder in [("fp32 (dense source)", "fp32"), (f"fp32 + {steps} fine-tune steps (control)", "fp32ft"),
                       ("2:4 one-shot", "x24"), (f"2:4 + {steps} steps", "x24ft"),
                       ("structured 25 % one-shot", "xst25"), (f"structured 25 % + {steps} steps", "xst25ft"),
-                      ("structured 50 % one-shot", "xst50"), (f"structured 50 % + {steps} steps", "xst50ft")]:
+                      ("structured 50 % one-shot", "xst50"), (f"structured 50 % + {steps} steps", "xst50ft"),
+                      ("structured 25 % MLP + 50 % heads one-shot", "xsth"),
+                      (f"structured 25 % MLP + 50 % heads + {steps} steps", "xsthft")]:
     row(label, folder)

@@ -26,4 +26,6 @@ for S in 25 50; do
   gptedge export $OUT/ckpt -o $OUT/xst$S --prune structured --sparsity 0.$S --overwrite
   gptedge export $OUT/ckpt -o $OUT/xst${S}ft --prune structured --sparsity 0.$S $FT --overwrite
 done
+gptedge export $OUT/ckpt -o $OUT/xsth --prune structured --sparsity 0.25 --prune-heads 0.5 --overwrite
+gptedge export $OUT/ckpt -o $OUT/xsthft --prune structured --sparsity 0.25 --prune-heads 0.5 $FT --overwrite
 python benchmarks/prune_finetune.py "$OUT" "$STEPS"

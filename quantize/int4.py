@@ -9,6 +9,7 @@ TensorRT whose parser reads opset 21 and documents blocked int4 DQ: the "10.x" r
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -46,10 +47,21 @@ def to_int4(job: Job, config: Int4Config) -> None:
         job.precision.update(cpu_only=False, tensorrt_min_version=TENSORRT_MIN_VERSION)
 
 
-def matmulnbits(model: onnx.ModelProto, config: Any, bits: int = 4) -> onnx.ModelProto:
-    """Every linear layer -> ``MatMulNBits`` (``bits``; ``config.block_size``, ``.accuracy_level``)."""
+def _import_quietly():
+    """Import onnxruntime's MatMulNBitsQuantizer without its module-level ``logging.basicConfig(INFO)``
+    taking over the embedding app's root logger."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    return MatMulNBitsQuantizer
+
+
+def matmulnbits(model: onnx.ModelProto, config: Any, bits: int = 4) -> onnx.ModelProto:
+    """Every linear layer -> ``MatMulNBits`` (``bits``; ``config.block_size``, ``.accuracy_level``)."""
+    MatMulNBitsQuantizer = _import_quietly()
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=config.block_size, is_symmetric=True,
                                      accuracy_level=config.accuracy_level,
                                      nodes_to_include=[lin.node for lin in linear_layers(model)])

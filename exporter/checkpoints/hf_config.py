@@ -24,11 +24,15 @@ ROPE_TYPES = {"default": (), "linear": ("factor",),
 
 def read_config(folder: Path) -> dict[str, Any]:
     """The parsed ``config.json`` of an HF folder (InputError when it is unreadable)."""
-    path = folder / "config.json"
+    return read_json_object(folder / "config.json", "; is the download complete?")
+
+
+def read_json_object(path: Path, hint: str = "") -> dict[str, Any]:
+    """A JSON file that must hold an object (InputError naming the file otherwise)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: cannot read it as JSON ({exc}); is the download complete?") from exc
+        raise InputError(f"{path}: cannot read it as JSON ({exc}){hint}") from exc
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object")
     return data

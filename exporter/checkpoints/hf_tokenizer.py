@@ -6,11 +6,11 @@ Special ids are read from ``generation_config.json`` first (what ``generate`` us
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from gptedge.exporter.checkpoints import TokenizerFiles
+from gptedge.exporter.checkpoints.hf_config import read_json_object
 from gptedge.exporter.checkpoints.tokenizers import hf_tokenizer_from_vocab_merges
 from gptedge.exporter.config import ExportConfig
 from gptedge.runtime.bundle import TokenizerInfo
@@ -77,15 +77,7 @@ def _load(data: bytes, where: Path):
 
 
 def _optional_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: cannot read it as JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _info(tokenizer, cfg: dict[str, Any], gen_cfg: dict[str, Any], tok_cfg: dict[str, Any],

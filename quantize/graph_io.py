@@ -1,26 +1,23 @@
 """Load a bundle's graphs with their weights, save them with weights stored once, open sessions.
 
-The saver mirrors the exporter's: every graph of a bundle points into one ``model.onnx.data`` and
-identical tensors (the weights ``model.onnx`` and ``model_last.onnx`` share) are written once.
-It is a copy, not an import, because gptedge.quantize must not depend on the exporter (torch).
+Saving goes through the runtime's :class:`~gptedge.runtime.onnx_io.SharedWeightsWriter`, as the
+exporter's does: every graph of a bundle points into one ``model.onnx.data`` and identical tensors
+(the weights ``model.onnx`` and ``model_last.onnx`` share) are written once.
 """
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from pathlib import Path
 
 import onnx
 import onnxruntime as ort
-from onnx import external_data_helper
 
 from gptedge.runtime.bundle import Bundle
 from gptedge.runtime.errors import BundleError
+from gptedge.runtime.onnx_io import EXTERNAL_DATA_NAME, SharedWeightsWriter
 
-EXTERNAL_DATA_NAME = "model.onnx.data"
 GRAPH_ROLES = ("model", "model_last")
-_INLINE_LIMIT = 1024  # bytes; smaller tensors stay inside the .onnx file
 _PROTO_LIMIT = 1_800_000_000  # protobuf cannot serialize 2 GiB; bigger graphs go through a file
 
 
@@ -39,44 +36,12 @@ def load_graphs(bundle: Bundle) -> dict[str, onnx.ModelProto]:
 
 
 def save_graphs_shared(models: dict[Path, onnx.ModelProto], data_name: str = EXTERNAL_DATA_NAME) -> None:
-    """Save graphs so their large tensors live once, in ``data_name`` beside the first graph.
-
-    Tensors are written from their ``raw_data`` bytes (int4 stays packed). The models are modified
-    in place (their tensors now point at the data file).
-    """
+    """Save graphs (all in one folder) so their large tensors live once, in ``data_name`` beside
+    them. The models are modified in place (their tensors now point at the data file)."""
     paths = list(models)
-    written: dict[str, tuple[int, int]] = {}
-    with open(paths[0].parent / data_name, "wb") as data_file:
+    with SharedWeightsWriter(paths[0].parent, data_name) as writer:
         for path in paths:
-            model = models[path]
-            for tensor in model.graph.initializer:
-                if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                    continue
-                raw = _raw_bytes(tensor)
-                if len(raw) <= _INLINE_LIMIT:
-                    continue
-                digest = hashlib.sha256(raw).hexdigest() + f":{tensor.data_type}:{list(tensor.dims)}"
-                if digest not in written:
-                    offset = data_file.tell()
-                    data_file.write(raw)
-                    data_file.write(b"\0" * (-len(raw) % 64))  # 64-byte alignment eases mmap
-                    written[digest] = (offset, len(raw))
-                offset, length = written[digest]
-                external_data_helper.set_external_data(tensor, data_name, offset, length)
-                for field in ("float_data", "int32_data", "int64_data", "double_data", "raw_data"):
-                    tensor.ClearField(field)
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-            onnx.save_model(model, str(path))
-
-
-def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
-    if not tensor.HasField("raw_data"):
-        # typed fields (float_data, ...) -> raw little-endian bytes, same dtype
-        converted = onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor), tensor.name)
-        tensor.raw_data = converted.raw_data
-        for field in ("float_data", "int32_data", "int64_data", "double_data"):
-            tensor.ClearField(field)
-    return tensor.raw_data
+            writer.save(models[path], path.name)
 
 
 def session(model: onnx.ModelProto | Path, threads: int | None = None) -> ort.InferenceSession:

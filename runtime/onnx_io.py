@@ -80,7 +80,8 @@ def tensor_nbytes(tensor: onnx.TensorProto) -> int:
 def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
     if tensor.HasField("raw_data"):
         return tensor.raw_data
-    return onnx.numpy_helper.to_array(tensor).tobytes()
+    # typed fields (float_data, int32_data ...) -> ONNX's raw little-endian layout (int4 stays packed)
+    return onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor), tensor.name).raw_data
 
 
 def check_external_data(model_path: Path, root: Path | None = None) -> None:

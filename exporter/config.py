@@ -21,6 +21,8 @@ class ExportConfig:
     - ``allow_missing_tokenizer``: export a bundle that generates from token ids only.
     - ``validate``: run the parity check against the source model after exporting.
     - ``last_logits_variant``: also write ``model_last.onnx`` (LM head on the last position only).
+    - ``ort_variant``: also write ``model_ort.onnx``, the onnxruntime-only generation graph with fused
+      attention (see :mod:`gptedge.runtime.ort_variant`); skipped where the architecture cannot use it.
     - ``prune_method``: prune the blocks' linear layers before tracing: ``magnitude``, ``2:4``
       (``sparsity`` 0.5) or ``structured`` (removes that fraction of MLP neurons); see
       :mod:`gptedge.exporter.prune`. ``finetune_steps`` AdamW steps at peak ``finetune_lr`` on
@@ -35,6 +37,7 @@ class ExportConfig:
     allow_missing_tokenizer: bool = False
     validate: bool = True
     last_logits_variant: bool = True
+    ort_variant: bool = True
     overwrite: bool = False
     tolerance: float = 1e-4
     prune_method: str | None = None

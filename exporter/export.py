@@ -16,7 +16,7 @@ from gptedge.exporter.checkpoints.detect import load_checkpoint
 from gptedge.exporter.config import ExportConfig
 from gptedge.exporter.model import Decoder, rope_inv_freq
 from gptedge.exporter.onnx_export import trace_to_onnx
-from gptedge.runtime import contract
+from gptedge.runtime import contract, ort_variant
 from gptedge.runtime.bundle import (
     MODEL_NAME,
     Bundle,
@@ -64,6 +64,8 @@ def export_loaded(checkpoint: LoadedCheckpoint, config: ExportConfig,
     with atomic_output_dir(out_dir, overwrite=config.overwrite) as tmp:
         _write_graphs(decoder, config, tmp)
         manifest = _manifest(checkpoint, arch, config)
+        if config.ort_variant:
+            ort_variant.attach(tmp, manifest.files, arch, manifest.precision)
         if pruned:
             manifest.history.append(pruned)
             manifest.precision["sparsity"] = {"method": config.prune_method, "fraction": config.sparsity}

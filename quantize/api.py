@@ -18,6 +18,7 @@ from gptedge.quantize.graph_utils import untie_linear_weights
 from gptedge.quantize.job import Job
 from gptedge.quantize.registry import handler_for
 from gptedge.quantize.text import encode, read_text, require_tokens, split_held_out
+from gptedge.runtime import ort_variant
 from gptedge.runtime.bundle import (
     Bundle,
     Manifest,
@@ -103,8 +104,8 @@ def _write(source: Bundle, job: Job, folder: Path) -> Manifest:
     paths = dict(sorted(paths.items(), key=lambda item: item[0].name != "model.onnx"))
     save_graphs_shared(paths, EXTERNAL_DATA_NAME)
     graph_paths = {files[r]["path"] for r in job.graphs if r in files} | {EXTERNAL_DATA_NAME, "model.onnx"}
-    for _role, entry in files.items():
-        if entry["path"] not in graph_paths:
+    for role, entry in files.items():
+        if entry["path"] not in graph_paths and role != ort_variant.ROLE:  # rebuilt below
             shutil.copy2(source.path / entry["path"], folder / entry["path"])
     for path in paths:
         onnx.checker.check_model(str(path), full_check=False)
@@ -113,6 +114,8 @@ def _write(source: Bundle, job: Job, folder: Path) -> Manifest:
     manifest.precision = job.precision
     manifest.io = job.io
     manifest.parity = None  # parity was against the float source; quality is in history
+    manifest.files.pop(ort_variant.ROLE, None)
+    ort_variant.attach(folder, manifest.files, job.architecture, manifest.precision)
     import onnxruntime
     manifest.tools = {**manifest.tools, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
     return manifest
@@ -144,6 +147,6 @@ def bundle_size_mb(bundle: Bundle) -> float:
     """Size in MB (1e6 bytes) of the graphs and weights (tokenizer files excluded)."""
     total = 0
     for role, entry in bundle.manifest.files.items():
-        if role in ("model", "model_last", "weights"):
+        if role in ("model", "model_last", "weights", ort_variant.ROLE):
             total += (bundle.path / entry["path"]).stat().st_size
     return total / 1e6

@@ -16,6 +16,8 @@ POSITION_IDS = "position_ids"
 LOGITS = "logits"
 
 BATCH, SEQ, PAST, TOTAL = "batch", "seq", "past", "total"
+# Manifest role of the onnxruntime-only generation graph (same I/O, contrib ops; see ort_variant).
+ORT_VARIANT_ROLE = "model_ort"
 
 
 def past_name(layer: int, kind: str) -> str:

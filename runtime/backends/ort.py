@@ -1,6 +1,9 @@
 """ONNX Runtime backend (CPU, or CUDA with onnxruntime-gpu).
 
-Generation runs ``model_last.onnx`` (LM head on the last position; ``model.onnx`` when absent).
+Generation runs ``model_ort.onnx`` when the bundle has it (onnxruntime's fused attention and norm
+kernels, see :mod:`gptedge.runtime.ort_variant`) for rows without padding, and ``model_last.onnx``
+(LM head on the last position; ``model.onnx`` when absent) otherwise: a left-padded batch, or when
+``GPTEDGE_ORT_VARIANT=0``. Both graphs keep the same cache layout, so a state may switch between them.
 The KV cache never goes through numpy: each step binds the previous step's ``present.*``
 OrtValues as ``past_key_values.*`` with IO binding and lets onnxruntime allocate the new presents
 on the device; only the logits come back to numpy. Scoring (:meth:`OrtBackend.full_logits`)
@@ -14,6 +17,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,11 +36,12 @@ _KV_DTYPES = {"float32": np.float32, "float16": np.float16}
 @dataclass
 class OrtState:
     """The KV cache of one generation: ``past`` holds one OrtValue per ``past_key_values.*``
-    input (on the backend's device), ``binding`` the IO binding this state reuses every step."""
+    input (on the backend's device), ``bindings`` the IO binding this state reuses every step
+    (one per session it ran on)."""
 
     batch: int
     past: list[Any]
-    binding: Any
+    bindings: dict[int, Any]
     length: int = 0
 
 
@@ -57,13 +62,25 @@ class OrtBackend:
         self.past_names = contract.past_names(arch.num_layers)
         self.present_names = contract.present_names(arch.num_layers)
         last = bundle.file("model_last")
-        self.model_path = last if last is not None and last.is_file() else bundle.model_path
+        self.padded_path = last if last is not None and last.is_file() else bundle.model_path
+        self.model_path = self._variant_path() or self.padded_path
         self.session = self._open(self.model_path)
         self.last_only = self.model_path != bundle.model_path
+        self._padded_session = None if self.model_path != self.padded_path else self.session
         self._full_session: ort.InferenceSession | None = None
         self._lock = threading.Lock()
         log.info("%s: %s with %d threads (providers %s)", self.name, self.model_path.name, self.threads,
                  self.session.get_providers())
+
+    def _variant_path(self) -> Path | None:
+        """``model_ort.onnx`` when present and wanted here (its attention kernel exists on the CPU
+        in fp32/fp16 and on CUDA in fp16 only)."""
+        path = self.bundle.file(contract.ORT_VARIANT_ROLE)
+        if path is None or not path.is_file() or os.environ.get("GPTEDGE_ORT_VARIANT") == "0":
+            return None
+        if self.device == "cuda" and self.bundle.manifest.kv_cache_dtype != "float16":
+            return None
+        return path
 
     def _open(self, path: os.PathLike[str]) -> ort.InferenceSession:
         options = ort.SessionOptions()
@@ -96,12 +113,16 @@ class OrtBackend:
         shape = [batch, *self.kv_shape]
         past = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
                 for _ in self.past_names]
-        return OrtState(batch=batch, past=past, binding=self.session.io_binding())
+        return OrtState(batch=batch, past=past, bindings={})
 
     def step(self, state: OrtState, input_ids: np.ndarray, attention_mask: np.ndarray,
              position_ids: np.ndarray) -> np.ndarray:
         """Run ``input_ids [B, S]``; the presents replace ``state.past``; returns logits ``[B, V]``."""
-        binding = state.binding
+        session = self.session if self._padded_session is self.session or attention_mask.all() \
+            else self._padded()
+        binding = state.bindings.get(id(session))
+        if binding is None:
+            binding = state.bindings[id(session)] = session.io_binding()
         # bind_cpu_input uses the numpy memory as is (no copy), so it must be contiguous int64.
         binding.bind_cpu_input(contract.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input(contract.ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
@@ -113,12 +134,19 @@ class OrtBackend:
         binding.bind_output(contract.LOGITS, "cpu")
         for name in self.present_names:
             binding.bind_output(name, self.device, 0)
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         state.past = [outputs[i + 1] for i in range(len(self.present_names))]
         state.length += input_ids.shape[1]
         logits = outputs[0].numpy()
         return _last_row(logits)
+
+    def _padded(self) -> ort.InferenceSession:
+        """The portable last-position session, opened the first time a padded batch needs it."""
+        with self._lock:
+            if self._padded_session is None:
+                self._padded_session = self._open(self.padded_path)
+            return self._padded_session
 
     def full_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                     position_ids: np.ndarray) -> np.ndarray:
@@ -134,7 +162,7 @@ class OrtBackend:
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]
-        self._full_session = None
+        self._padded_session = self._full_session = None
 
     def __enter__(self) -> OrtBackend:
         return self

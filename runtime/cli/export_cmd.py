@@ -15,6 +15,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-context", type=int, help="tokens the bundle supports (default: the model's)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, 18..20 (default 18)")
     p.add_argument("--no-validate", action="store_true", help="skip the parity check")
+    p.add_argument("--no-ort-variant", action="store_true",
+                   help="do not write model_ort.onnx (the onnxruntime-only graph with fused attention)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     g = p.add_argument_group("pruning and recovery fine-tune")
     g.add_argument("--prune", choices=("magnitude", "2:4", "structured"), help="prune the blocks' linear layers before export (structured: whole MLP neurons)")
@@ -34,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = ExportConfig(max_context=args.max_context, opset=args.opset, tokenizer=args.tokenizer,
                           allow_missing_tokenizer=args.no_tokenizer, validate=not args.no_validate,
-                          overwrite=args.overwrite, prune_method=args.prune, sparsity=args.sparsity,
+                          ort_variant=not args.no_ort_variant, overwrite=args.overwrite,
+                          prune_method=args.prune, sparsity=args.sparsity,
                           finetune_steps=args.finetune_steps, finetune_text=args.finetune_text,
                           finetune_lr=args.finetune_lr, prune_heads=args.prune_heads)
     console = Console()

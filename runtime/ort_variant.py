@@ -1,0 +1,331 @@
+"""``model_ort.onnx``: the generation graph rewritten for onnxruntime's fused contrib kernels.
+
+The portable graph spells attention out in standard ops (split heads, RoPE, KV ``Concat``, masked
+softmax): about 45 nodes per layer, and on a CPU each node costs a kernel dispatch. Once weights
+are int8/int4 those dispatches are a third of a decode step. This module rewrites a bundle's
+last-position graph so that each layer's attention becomes ONE ``com.microsoft.GroupQueryAttention``
+node (rotary embedding inside it, packed QKV in, KV cache in the contract's BNSH layout), and lets
+onnxruntime's own optimizer fuse the rest (``SkipSimplifiedLayerNormalization`` and friends).
+
+The rewrite only rewires nodes: every linear layer, whatever its form (fp32/fp16 ``MatMul``,
+``MatMulNBits``, int8 QDQ), is kept as it is, and the weights stay in the bundle's shared data file.
+Inputs and outputs keep the contract's names and shapes, so the same KV cache feeds either graph.
+
+The variant is onnxruntime-only (``portable: false`` in the manifest) and exact only for rows
+without padding: ``GroupQueryAttention`` takes one valid length per row and no arbitrary mask, so
+the ORT backend runs it when the attention mask is all ones and the portable graph otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from gptedge.runtime import contract, ort_fusions
+from gptedge.runtime.bundle import Architecture
+from gptedge.runtime.errors import BundleError
+
+log = logging.getLogger(__name__)
+
+ORT_MODEL_NAME = "model_ort.onnx"
+ROLE = contract.ORT_VARIANT_ROLE
+MANIFEST_ENTRY = {"path": ORT_MODEL_NAME, "portable": False,
+                  "purpose": "onnxruntime-only generation graph (GroupQueryAttention; rows without padding)"}
+MS_DOMAIN = "com.microsoft"
+# Ops a value passes through between the packed QKV Split and the KV Concat (and after attention).
+_PASS_THROUGH = {"Transpose", "Reshape", "Cast", "Identity", "QuantizeLinear", "DequantizeLinear"}
+_ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class VariantError(BundleError):
+    """The graph does not have the attention pattern the rewrite knows; no variant is written."""
+
+
+def build(graph_path: Path, arch: Architecture, kv_dtype: str) -> onnx.ModelProto:
+    """The ORT variant of the contract graph at ``graph_path`` (its weights are not loaded: the
+    result refers to the same external data file, so save it in the same folder)."""
+    model = onnx.load(str(graph_path), load_external_data=False)
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    shared = _shared_inputs(graph, arch, kv_dtype)
+    attention = [_attention_node(graph, producers, arch, layer, shared) for layer in range(arch.num_layers)]
+    replaced = {out for node in attention for out in node.output}
+    nodes = shared.nodes + [node for node in graph.node if not replaced.intersection(node.output)] + attention
+    nodes = _toposort(_live(nodes, graph), graph)
+    nodes, fused = ort_fusions.fuse_all(nodes, graph)
+    log.debug("%s: fused %s", graph_path.name, fused)
+    nodes = _live(nodes, graph)
+    needed = {name for node in nodes for name in node.input}
+    kept_initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_initializers)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]  # stale shapes of removed tensors; onnxruntime infers its own
+    if not any(op.domain == MS_DOMAIN for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return model
+
+
+def write(folder: Path, arch: Architecture, kv_dtype: str, source: str = "model_last.onnx") -> Path:
+    """Build the variant from ``folder/source`` and save it as ``folder/model_ort.onnx``."""
+    model = build(Path(folder) / source, arch, kv_dtype)
+    path = Path(folder) / ORT_MODEL_NAME
+    onnx.save(model, str(path))
+    return path
+
+
+def unsupported(arch: Architecture) -> str | None:
+    """Why onnxruntime's GroupQueryAttention cannot run ``arch``, or None."""
+    if arch.head_dim % 16:
+        return f"head_dim {arch.head_dim} is not a multiple of 16 (GroupQueryAttention needs it)"
+    return None
+
+
+def attach(folder: Path, files: dict[str, dict], arch: Architecture, precision: dict) -> dict | None:
+    """Write ``model_ort.onnx`` into the bundle being built in ``folder`` from its last-position
+    graph (``files``: the manifest's file table, ``precision``: its precision section), check it
+    against that graph with onnxruntime and add it to ``files``. Returns the parity figures, or
+    None (and writes nothing) when the architecture or graph does not allow the variant; the
+    portable graphs serve alone then."""
+    source = files.get("model_last", files["model"])["path"]
+    kv_dtype = str(precision.get("kv_cache_dtype", "float32"))
+    reason = unsupported(arch)
+    if reason is None:
+        try:
+            path = write(folder, arch, kv_dtype, source)
+        except VariantError as exc:
+            reason = str(exc)
+    if reason is not None:
+        log.info("no %s for this bundle: %s", ORT_MODEL_NAME, reason)
+        return None
+    parity = check_parity(Path(folder) / source, path, arch, kv_dtype)
+    kind = "qdq" if parity["qdq"] else kv_dtype
+    limit = PARITY_LIMITS[kind] * max(1.0, parity["max_abs_logit"])
+    if not parity["max_abs_diff"] <= limit:  # also catches NaN
+        path.unlink()
+        log.warning("%s differs from %s by %.3g (limit %.3g); not written", ORT_MODEL_NAME, source,
+                    parity["max_abs_diff"], limit)
+        return None
+    files[ROLE] = {**MANIFEST_ENTRY, "parity_max_abs_diff": parity["max_abs_diff"]}
+    return parity
+
+
+# Largest logit difference allowed, relative to max |logit|, by the graph's arithmetic. Int8
+# activations (QDQ) turn the fused kernels' last-bit differences into whole rounding steps.
+PARITY_LIMITS = {"float32": 1e-3, "float16": 3e-2, "qdq": 5e-2}
+
+
+def check_parity(reference: Path, variant: Path, arch: Architecture, kv_dtype: str,
+                 prompt: int = 5, decode_steps: int = 2, seed: int = 0) -> dict[str, float]:
+    """Largest logit difference between the two graphs over a random prompt and a few decode steps
+    (batch 1, fed step by step through each graph's own presents). ``MatMulNBits`` run with float
+    compute here (accuracy level 0): at level 4 they quantize their activations per call, and a
+    last-bit difference upstream flips roundings (about 1 % of the logits), which would hide the
+    rewrite's own error. ``qdq`` says whether the graphs quantize activations regardless."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    steps = [rng.integers(0, arch.vocab_size, (1, prompt))] + \
+        [rng.integers(0, arch.vocab_size, (1, 1)) for _ in range(decode_steps)]
+    runs, qdq = [], False
+    for path in (reference, variant):
+        model = onnx.load(str(path), load_external_data=False)
+        qdq = qdq or any(node.op_type == "QuantizeLinear" for node in model.graph.node)
+        exact = path.with_name(f".parity-{path.name}")  # beside it: the external data path is relative
+        onnx.save(_float_compute(model), str(exact))
+        try:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            session = ort.InferenceSession(str(exact), options, providers=["CPUExecutionProvider"])
+            runs.append(_run_steps(session, steps, arch, _NP_DTYPES[kv_dtype]))
+            del session
+        finally:
+            exact.unlink()
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(*runs))
+    return {"max_abs_diff": diff, "max_abs_logit": max(float(np.max(np.abs(a))) for a in runs[0]), "qdq": qdq}
+
+
+def _float_compute(model: onnx.ModelProto) -> onnx.ModelProto:
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
+                attr.i = 0
+    return model
+
+
+def _run_steps(session, steps: list[np.ndarray], arch: Architecture, dtype) -> list[np.ndarray]:
+    past = [np.zeros((1, arch.num_kv_heads, 0, arch.head_dim), dtype)] * (2 * arch.num_layers)
+    length, logits = 0, []
+    for ids in steps:
+        total = length + ids.shape[1]
+        feeds = {contract.INPUT_IDS: ids.astype(np.int64), contract.ATTENTION_MASK: np.ones((1, total), np.int64),
+                 contract.POSITION_IDS: np.arange(length, total, dtype=np.int64)[None],
+                 **dict(zip(contract.past_names(arch.num_layers), past))}
+        out = session.run(None, feeds)
+        logits.append(out[0][:, -1].astype(np.float32))
+        past, length = out[1:], total
+    return logits
+
+
+class _Shared:
+    """Nodes and tensor names every layer's attention node reads."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.seqlens_k = "gqa.seqlens_k"
+        self.total_length = "gqa.total_sequence_length"
+        self.cos: str = ""
+        self.sin: str = ""
+
+
+def _shared_inputs(graph: onnx.GraphProto, arch: Architecture, kv_dtype: str) -> _Shared:
+    shared = _Shared()
+    mask = contract.ATTENTION_MASK
+    one = _constant(graph, "gqa.one", np.array(1, dtype=np.int64))
+    axes = _constant(graph, "gqa.axis1", np.array([1], dtype=np.int64))
+    shared.nodes += [
+        # seqlens_k = valid tokens per row - 1; total = mask length (both int32, as the op wants)
+        helper.make_node("ReduceSum", [mask, axes], ["gqa.mask_sum"], keepdims=0, name="/gqa/ReduceSum"),
+        helper.make_node("Sub", ["gqa.mask_sum", one], ["gqa.seqlens_k64"], name="/gqa/Sub"),
+        helper.make_node("Cast", ["gqa.seqlens_k64"], [shared.seqlens_k], to=TensorProto.INT32, name="/gqa/Cast"),
+        helper.make_node("Shape", [mask], ["gqa.mask_shape"], start=1, end=2, name="/gqa/Shape"),
+        helper.make_node("Squeeze", ["gqa.mask_shape"], ["gqa.total64"], name="/gqa/Squeeze"),
+        helper.make_node("Cast", ["gqa.total64"], [shared.total_length], to=TensorProto.INT32,
+                         name="/gqa/Cast_1"),
+    ]
+    if arch.position == "rope":
+        cos, sin = _rope_caches(graph, arch, kv_dtype)
+        shared.cos = _constant(graph, "gqa.cos_cache", cos)
+        shared.sin = _constant(graph, "gqa.sin_cache", sin)
+    return shared
+
+
+def _rope_caches(graph: onnx.GraphProto, arch: Architecture, kv_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [max_context, head_dim/2] from the graph's own ``inv_freq`` (scaling already applied)."""
+    found = [t for t in graph.initializer if t.name == "inv_freq"]
+    if not found:
+        raise VariantError("the graph has no 'inv_freq' initializer to build the rotary caches from")
+    inv_freq = numpy_helper.to_array(found[0]).astype(np.float64).reshape(-1)
+    if inv_freq.size * 2 != arch.head_dim:
+        raise VariantError(f"inv_freq has {inv_freq.size} entries, head_dim {arch.head_dim} needs "
+                           f"{arch.head_dim // 2}; partial rotary embeddings are not supported by the variant")
+    # fp32 angles, as the portable graph computes them (position * inv_freq in float32)
+    angles = np.arange(arch.max_context, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
+    dtype = _NP_DTYPES[kv_dtype]
+    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+
+
+def _attention_node(graph: onnx.GraphProto, producers: dict[str, onnx.NodeProto], arch: Architecture,
+                    layer: int, shared: _Shared) -> onnx.NodeProto:
+    """One GroupQueryAttention node that replaces ``layer``'s attention (its outputs take over the
+    names of the old attention output and of the two presents)."""
+    key_out, value_out = contract.present_name(layer, "key"), contract.present_name(layer, "value")
+    value_concat = _concat_of_cache(producers, value_out, contract.past_name(layer, "value"))
+    _concat_of_cache(producers, key_out, contract.past_name(layer, "key"))
+    split = _walk_back_to(producers, value_concat.input[1], "Split")
+    if len(split.output) != 3:
+        raise VariantError(f"layer {layer}: the QKV split has {len(split.output)} outputs, expected 3")
+    attn_output = _attention_output(graph, value_out, layer)
+    rotary = arch.position == "rope"
+    inputs = [split.input[0], "", "", contract.past_name(layer, "key"), contract.past_name(layer, "value"),
+              shared.seqlens_k, shared.total_length, shared.cos if rotary else "", shared.sin if rotary else "",
+              contract.POSITION_IDS if rotary else ""]
+    while inputs[-1] == "":  # trailing optional inputs are left out, not named ""
+        inputs.pop()
+    return helper.make_node(
+        "GroupQueryAttention", inputs, [attn_output, key_out, value_out], domain=MS_DOMAIN,
+        name=f"/layers.{layer}/attn/GroupQueryAttention", num_heads=arch.num_heads,
+        kv_num_heads=arch.num_kv_heads, do_rotary=int(rotary), rotary_interleaved=0,
+        scale=float(arch.head_dim ** -0.5), local_window_size=-1)
+
+
+def _concat_of_cache(producers: dict[str, onnx.NodeProto], present: str, past: str) -> onnx.NodeProto:
+    node = producers.get(present)
+    if node is None or node.op_type != "Concat" or list(node.input[:1]) != [past] or len(node.input) != 2:
+        raise VariantError(f"'{present}' is not Concat('{past}', new); the graph is not a gptedge export")
+    return node
+
+
+def _walk_back_to(producers: dict[str, onnx.NodeProto], tensor: str, op_type: str) -> onnx.NodeProto:
+    for _ in range(16):
+        node = producers.get(tensor)
+        if node is None:
+            break
+        if node.op_type == op_type:
+            return node
+        if node.op_type not in _PASS_THROUGH:
+            break
+        tensor = node.input[0]
+    raise VariantError(f"no {op_type} found upstream of '{tensor}'; the graph is not a gptedge export")
+
+
+def _attention_output(graph: onnx.GraphProto, present_value: str, layer: int) -> str:
+    """The tensor that leaves ``layer``'s attention core: the probs x V MatMul's output, followed
+    through its head-merging Transpose/Reshape chain."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    matmuls = [n for n in _through_qdq(consumers, present_value) if n.op_type == "MatMul"]
+    if len(matmuls) != 1:
+        raise VariantError(f"layer {layer}: expected one MatMul reading '{present_value}', found {len(matmuls)}")
+    tensor = matmuls[0].output[0]
+    for _ in range(8):
+        users = consumers.get(tensor, [])
+        if len(users) != 1 or users[0].op_type not in ("Transpose", "Reshape"):
+            return tensor
+        tensor = users[0].output[0]
+    raise VariantError(f"layer {layer}: the attention output chain is longer than expected")
+
+
+def _through_qdq(consumers: dict[str, list[onnx.NodeProto]], tensor: str) -> Iterable[onnx.NodeProto]:
+    for node in consumers.get(tensor, []):
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Cast"):
+            yield from _through_qdq(consumers, node.output[0])
+        else:
+            yield node
+
+
+def _constant(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
+    graph.initializer.append(numpy_helper.from_array(value, name))
+    return name
+
+
+def _live(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes some graph output still depends on, in their order."""
+    producers = {out: node for node in nodes for out in node.output}
+    seen: set[str] = set()
+    live: set[int] = set()
+    stack = [out.name for out in graph.output]
+    while stack:
+        tensor = stack.pop()
+        if tensor in seen:
+            continue
+        seen.add(tensor)
+        node = producers.get(tensor)
+        if node is not None and id(node) not in live:
+            live.add(id(node))
+            stack.extend(name for name in node.input if name)
+    return [node for node in nodes if id(node) in live]
+
+
+def _toposort(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(nodes), []
+    while pending:
+        ready = [n for n in pending if all(name in available for name in n.input)]
+        if not ready:
+            raise VariantError("the rewritten graph has a cycle or a dangling input")
+        for node in ready:
+            available.update(node.output)
+        ordered += ready
+        done = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in done]
+    return ordered

@@ -14,6 +14,7 @@ from collections import Counter
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from conftest import TINY_GPT2, TINY_LLAMA
 
@@ -113,7 +114,7 @@ def test_a_graph_without_the_kv_pattern_is_refused(bundle_factory, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["fp16", "int8-dynamic", "int4"])
-def test_quantized_bundles_get_their_own_variant(bundle_factory, tmp_path, mode):
+def test_quantized_bundles_get_their_own_variant(bundle_factory, tmp_path, mode, monkeypatch):
     from gptedge.quantize import Fp16Config, Int4Config, Int8DynamicConfig, quantize
 
     config = {"fp16": Fp16Config(), "int8-dynamic": Int8DynamicConfig(), "int4": Int4Config(block_size=16)}[mode]
@@ -128,8 +129,9 @@ def test_quantized_bundles_get_their_own_variant(bundle_factory, tmp_path, mode)
     with load(out.path, backend="ort-cpu", threads=1) as gen:
         assert gen.backend.model_path.name == "model_ort.onnx"
         fast = gen.generate(prompt, max_new_tokens=8).tokens
-        gen.backend.session = gen.backend._padded()  # the same backend on the portable graph
-        gen.backend._padded_session = gen.backend.session
+    monkeypatch.setenv("GPTEDGE_ORT_VARIANT", "0")
+    with load(out.path, backend="ort-cpu", threads=1) as gen:
+        assert gen.backend.model_path.name == "model_last.onnx"
         assert gen.generate(prompt, max_new_tokens=8).tokens == fast
 
 
@@ -142,3 +144,39 @@ def test_export_config_can_skip_the_variant(tmp_path):
                            tmp_path / "b")
     assert contract.ORT_VARIANT_ROLE not in bundle.manifest.files
     assert not (bundle.path / "model_ort.onnx").exists()
+
+
+def test_in_place_cache_grows_and_gives_the_portable_tokens(bundle_factory, monkeypatch):
+    arch = dataclasses.replace(GQA_LLAMA, max_context=700)
+    path = bundle_factory(arch)
+    prompt = np.random.default_rng(5).integers(0, arch.vocab_size, 300).tolist()
+    with load(path, backend="ort-cpu", threads=1) as gen:
+        backend = gen.backend
+        state = backend.new_state(1)
+        backend.step(state, np.array([prompt]), np.ones((1, 300), np.int64), np.arange(300)[None])
+        assert state.buffers is not None and state.buffers[0].shape[2] == 300  # room for the prompt
+        backend.step(state, np.array([[7]]), np.ones((1, 301), np.int64), np.array([[300]]))
+        assert state.buffers[0].shape[2] == 600 and state.length == 301  # doubled, history copied
+        fast = gen.generate(prompt, max_new_tokens=320).tokens  # grows to max_context on the way
+    monkeypatch.setenv("GPTEDGE_ORT_VARIANT", "0")
+    with load(path, backend="ort-cpu", threads=1) as gen:
+        assert gen.generate(prompt, max_new_tokens=320).tokens == fast
+
+
+def test_a_state_leaves_the_in_place_cache_for_a_padded_step(bundle_factory, monkeypatch):
+    path = bundle_factory(GQA_LLAMA)
+    ids = np.random.default_rng(9).integers(0, GQA_LLAMA.vocab_size, (1, 8))
+    masks = [np.ones((1, 5), np.int64), np.ones((1, 6), np.int64), np.array([[1, 1, 0, 1, 1, 1, 1]]),
+             np.array([[1, 1, 0, 1, 1, 1, 1, 1]])]
+    feeds = [(ids[:, :5], masks[0], np.arange(5)[None]), (ids[:, 5:6], masks[1], np.array([[5]])),
+             (ids[:, 6:7], masks[2], np.array([[5]])), (ids[:, 7:8], masks[3], np.array([[6]]))]
+    fast = OrtBackend(load_bundle(path), threads=1)
+    monkeypatch.setenv("GPTEDGE_ORT_VARIANT", "0")
+    portable = OrtBackend(load_bundle(path), threads=1)
+    results = []
+    for backend in (fast, portable):
+        state = backend.new_state(1)
+        results.append([backend.step(state, *feed).copy() for feed in feeds])
+        assert all(isinstance(v, ort.OrtValue) for v in state.past)
+    assert fast._padded_session is not None
+    np.testing.assert_allclose(np.stack(results[0]), np.stack(results[1]), atol=1e-4)

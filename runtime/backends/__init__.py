@@ -35,7 +35,8 @@ class Backend(Protocol):
              position_ids: np.ndarray) -> np.ndarray:
         """Run the model on ``input_ids [B, S]`` (int64) with ``attention_mask [B, past + S]`` and
         ``position_ids [B, S]``; append the new keys/values to ``state``; return the last position's
-        logits ``[B, vocab]`` as float32 numpy."""
+        logits ``[B, vocab]`` as float32 numpy. The array may be a view of the backend's output
+        buffer: it is valid until the next ``step`` on the same state (copy it to keep it)."""
         ...
 
     def full_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray,

@@ -43,6 +43,12 @@ class OrtState:
     past: list[Any]
     bindings: dict[int, Any]
     length: int = 0
+    # In-place mode (model_ort on the CPU): one [B, kv_heads, capacity, head_dim] numpy buffer per
+    # past input that onnxruntime reads AND writes (``past`` wraps them); ``bound`` once the
+    # variant's binding points at them.
+    buffers: list[np.ndarray] | None = None
+    logits: np.ndarray | None = None  # [B, 1, V] output buffer of the last-position variant
+    bound: bool = False
 
 
 class OrtBackend:
@@ -66,7 +72,11 @@ class OrtBackend:
         self.model_path = self._variant_path() or self.padded_path
         self.session = self._open(self.model_path)
         self.last_only = self.model_path != bundle.model_path
-        self._padded_session = None if self.model_path != self.padded_path else self.session
+        self.has_variant = self.model_path != self.padded_path
+        self._padded_session = self.session if not self.has_variant else None
+        self.max_context = bundle.manifest.architecture.max_context
+        logits_shape = next(o.shape for o in self.session.get_outputs() if o.name == contract.LOGITS)
+        self.one_logits_row = len(logits_shape) == 3 and logits_shape[1] == 1
         self._full_session: ort.InferenceSession | None = None
         self._lock = threading.Lock()
         log.info("%s: %s with %d threads (providers %s)", self.name, self.model_path.name, self.threads,
@@ -118,15 +128,14 @@ class OrtBackend:
     def step(self, state: OrtState, input_ids: np.ndarray, attention_mask: np.ndarray,
              position_ids: np.ndarray) -> np.ndarray:
         """Run ``input_ids [B, S]``; the presents replace ``state.past``; returns logits ``[B, V]``."""
-        session = self.session if self._padded_session is self.session or attention_mask.all() \
-            else self._padded()
-        binding = state.bindings.get(id(session))
-        if binding is None:
-            binding = state.bindings[id(session)] = session.io_binding()
-        # bind_cpu_input uses the numpy memory as is (no copy), so it must be contiguous int64.
-        binding.bind_cpu_input(contract.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
-        binding.bind_cpu_input(contract.ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
-        binding.bind_cpu_input(contract.POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
+        padded = self.has_variant and not attention_mask.all()
+        if self.has_variant and not padded and self.device == "cpu":
+            return self._step_in_place(state, input_ids, attention_mask, position_ids)
+        if state.buffers is not None:
+            self._leave_buffers(state)
+        session = self._padded() if padded else self.session
+        binding = self._binding(state, session)
+        _bind_inputs(binding, input_ids, attention_mask, position_ids)
         for name, value in zip(self.past_names, state.past):
             binding.bind_ortvalue_input(name, value)
         # Outputs are re-bound every step: their shapes grow, so onnxruntime must allocate them.
@@ -138,8 +147,60 @@ class OrtBackend:
         outputs = binding.get_outputs()
         state.past = [outputs[i + 1] for i in range(len(self.present_names))]
         state.length += input_ids.shape[1]
-        logits = outputs[0].numpy()
-        return _last_row(logits)
+        return _last_row(outputs[0].numpy())
+
+    def _step_in_place(self, state: OrtState, input_ids: np.ndarray, attention_mask: np.ndarray,
+                       position_ids: np.ndarray) -> np.ndarray:
+        """A step of the variant with past and present bound to the SAME buffers: its attention
+        kernel appends the new keys/values in place (no per-step copy or allocation of the cache)."""
+        if state.buffers is None or attention_mask.shape[1] > state.buffers[0].shape[2]:
+            self._grow_buffers(state, attention_mask.shape[1])
+        binding = self._binding(state, self.session)
+        if not state.bound:
+            binding.clear_binding_outputs()
+            if self.one_logits_row:  # a fixed [B, 1, V] logits buffer: nothing to allocate or wrap per step
+                state.logits = np.empty((state.batch, 1, self.bundle.manifest.architecture.vocab_size), np.float32)
+                binding.bind_ortvalue_output(contract.LOGITS, ort.OrtValue.ortvalue_from_numpy(state.logits))
+            else:
+                binding.bind_output(contract.LOGITS, "cpu")
+            for past, present, value in zip(self.past_names, self.present_names, state.past):
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
+            state.bound = True
+        _bind_inputs(binding, input_ids, attention_mask, position_ids)
+        self.session.run_with_iobinding(binding)
+        state.length += input_ids.shape[1]
+        if state.logits is not None:
+            return state.logits[:, -1, :]  # a view: valid until this state's next step (see Backend.step)
+        return _last_row(binding.get_outputs()[0].numpy())
+
+    def _grow_buffers(self, state: OrtState, needed: int) -> None:
+        """(Re)allocate the in-place buffers for at least ``needed`` tokens (doubling, at most
+        max_context) and copy the cache so far into them."""
+        capacity = min(self.max_context, max(needed, 256, 2 * (state.buffers[0].shape[2] if state.buffers else 0)))
+        old = state.buffers or [value.numpy() for value in state.past]
+        shape = (state.batch, self.kv_shape[0], capacity, self.kv_shape[2])
+        state.buffers = []
+        for previous in old:
+            buffer = np.zeros(shape, dtype=self.kv_dtype)
+            buffer[:, :, :state.length] = previous[:, :, :state.length]
+            state.buffers.append(buffer)
+        # ortvalue_from_numpy shares the numpy memory: onnxruntime writes straight into the buffers
+        state.past = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in state.buffers]
+        state.bound = False
+
+    def _leave_buffers(self, state: OrtState) -> None:
+        """Back to per-step presents (a padded step on the portable graph): exact-length copies."""
+        state.past = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(buffer[:, :, :state.length]))
+                      for buffer in state.buffers or []]
+        state.buffers, state.bound = None, False
+
+    @staticmethod
+    def _binding(state: OrtState, session: ort.InferenceSession) -> Any:
+        binding = state.bindings.get(id(session))
+        if binding is None:
+            binding = state.bindings[id(session)] = session.io_binding()
+        return binding
 
     def _padded(self) -> ort.InferenceSession:
         """The portable last-position session, opened the first time a padded batch needs it."""
@@ -181,6 +242,13 @@ def _spinning(threads: int) -> bool:
         return True
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return os.getloadavg()[0] + threads <= cpus + 0.5
+
+
+def _bind_inputs(binding: Any, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> None:
+    # bind_cpu_input uses the numpy memory as is (no copy), so it must be contiguous int64.
+    binding.bind_cpu_input(contract.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
+    binding.bind_cpu_input(contract.ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
+    binding.bind_cpu_input(contract.POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
 
 
 def _last_row(logits: np.ndarray) -> np.ndarray:

@@ -60,6 +60,8 @@ def build(graph_path: Path, arch: Architecture, kv_dtype: str) -> onnx.ModelProt
     nodes = _toposort(_live(nodes, graph), graph)
     nodes, fused = ort_fusions.fuse_all(nodes, graph)
     log.debug("%s: fused %s", graph_path.name, fused)
+    if _one_logits_row(graph):  # with every position's logits (prefill M = S) packing pays off
+        nodes = ort_fusions.unpacked_lm_head(nodes, graph)
     nodes = _live(nodes, graph)
     needed = {name for node in nodes for name in node.input}
     kept_initializers = [t for t in graph.initializer if t.name in needed]
@@ -296,6 +298,12 @@ def _through_qdq(consumers: dict[str, list[onnx.NodeProto]], tensor: str) -> Ite
 def _constant(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
     graph.initializer.append(numpy_helper.from_array(value, name))
     return name
+
+
+def _one_logits_row(graph: onnx.GraphProto) -> bool:
+    logits = next(o for o in graph.output if o.name == contract.LOGITS)
+    dims = logits.type.tensor_type.shape.dim
+    return len(dims) == 3 and dims[1].HasField("dim_value") and dims[1].dim_value == 1
 
 
 def _live(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:

@@ -51,6 +51,11 @@ def test_export_writes_a_checked_non_portable_variant(bundle_factory, arch):
         # the embedding sum (tokens + positions) feeds the first norm, so it fuses too
         assert counts["SkipLayerNormalization"] == 2 * arch.num_layers
         assert counts["FastGelu"] == arch.num_layers and counts["Tanh"] == 0
+    # the LM head weight is 3-D there, so onnxruntime reads it in place instead of pre-packing a copy
+    head = next(n for n in graph.node if n.output[0] == contract.LOGITS)
+    assert [len(t.dims) for t in graph.initializer if t.name == head.input[1]] == [3]
+    if arch.tie_word_embeddings:  # the token lookup reads the same (3-D) table
+        assert any(n.op_type == "Gather" and n.input[0] == head.input[1] for n in graph.node)
     # the variant refers to the bundle's one data file: no second copy of the weights
     assert sorted(p.name for p in bundle.path.glob("*.data")) == ["model.onnx.data"]
 

@@ -51,13 +51,14 @@ class Int8DynamicConfig:
     of ``block_size`` input channels and ``accuracy_level`` 4 (int8 compute: the VNNI/AMX kernels),
     as onnxruntime-genai's int8 does; 1.2x the decode speed of ``kernel="matmulinteger"``
     (benchmarks/NOTES.md): per-channel (``per_channel``) int8 weights through onnxruntime's
-    ``quantize_dynamic`` (``MatMulInteger``/``DynamicQuantizeMatMul``).
+    ``quantize_dynamic`` (``MatMulInteger``/``DynamicQuantizeMatMul``). ``block_size`` 128 (genai
+    uses 32): +20 % decode on Llama 125M, and the same perplexity as 32 on a trained model.
     Every linear layer is quantized, the LM head included. The bundle is CPU-only.
     """
 
     per_channel: bool = True
     kernel: str = "matmulnbits"
-    block_size: int = 32
+    block_size: int = 128
     accuracy_level: int = 4
     mode: ClassVar[str] = "int8-dynamic"
     default_budget: ClassVar[float | None] = 2.0

@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from gptedge.quantize.config import Int4Config
-from gptedge.quantize.graph_utils import linear_layers, remove_initializers, set_opset
+from gptedge.quantize.graph_utils import initializers, linear_layers, remove_initializers, set_opset
 from gptedge.quantize.job import Job
 from gptedge.quantize.registry import handler
 from gptedge.runtime.errors import BundleError
@@ -30,7 +30,9 @@ QDQ_OPSET = 21  # DequantizeLinear with int4 and block_size
 def to_int4(job: Job, config: Int4Config) -> None:
     job.require_source_precision("int4")
     job.record["layers_quantized"] = [lin.weight for lin in linear_layers(job.graphs["model"])]
-    job.record.update(block_size=config.block_size, format=config.format)
+    block = fitted_block(job.graphs["model"], config.block_size) if config.format == "matmulnbits" \
+        else config.block_size
+    job.record.update(block_size=block, format=config.format)
     for role, model in job.graphs.items():
         if config.format == "matmulnbits":
             job.graphs[role] = matmulnbits(model, config)
@@ -39,7 +41,7 @@ def to_int4(job: Job, config: Int4Config) -> None:
         left = [lin.weight for lin in linear_layers(job.graphs[role])]
         if left:
             raise BundleError(f"int4 left linear layers in float: {left}; report this with the bundle")
-    job.precision.update(weights="int4", weight_block_size=config.block_size)
+    job.precision.update(weights="int4", weight_block_size=block)
     if config.format == "matmulnbits":
         job.precision.update(cpu_only=True, accuracy_level=config.accuracy_level)
         job.record["accuracy_level"] = config.accuracy_level
@@ -60,13 +62,25 @@ def _import_quietly():
 
 
 def matmulnbits(model: onnx.ModelProto, config: Any, bits: int = 4) -> onnx.ModelProto:
-    """Every linear layer -> ``MatMulNBits`` (``bits``; ``config.block_size``, ``.accuracy_level``)."""
+    """Every linear layer -> ``MatMulNBits`` (``bits``; ``config.block_size`` as fitted by
+    :func:`fitted_block`, ``config.accuracy_level``)."""
     MatMulNBitsQuantizer = _import_quietly()
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=config.block_size, is_symmetric=True,
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=fitted_block(model, config.block_size),
+                                     is_symmetric=True,
                                      accuracy_level=config.accuracy_level,
                                      nodes_to_include=[lin.node for lin in linear_layers(model)])
     quantizer.process()
     return quantizer.model.model
+
+
+def fitted_block(model: onnx.ModelProto, block: int) -> int:
+    """``block``, halved (down to 16) until it fits the narrowest linear layer's input: a wider
+    block would be padded with zeros, and MatMulNBits stores the padding (tiny models)."""
+    inits = initializers(model)
+    narrowest = min((inits[lin.weight].dims[0] for lin in linear_layers(model)), default=block)
+    while block > 16 and block > narrowest:
+        block //= 2
+    return block
 
 
 def quantize_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from gptedge.quantize.config import Int8DynamicConfig
 from gptedge.quantize.graph_utils import linear_layers
-from gptedge.quantize.int4 import matmulnbits
+from gptedge.quantize.int4 import fitted_block, matmulnbits
 from gptedge.quantize.job import Job
 from gptedge.quantize.registry import handler
 from gptedge.runtime.errors import BundleError
@@ -27,6 +27,7 @@ from gptedge.runtime.errors import BundleError
 def to_int8_dynamic(job: Job, config: Int8DynamicConfig) -> None:
     job.require_source_precision("int8-dynamic")
     job.record["layers_quantized"] = [lin.weight for lin in linear_layers(job.graphs["model"])]
+    block = fitted_block(job.graphs["model"], config.block_size)
     for role, model in job.graphs.items():
         if config.kernel == "matmulnbits":
             job.graphs[role] = _matmulnbits8(model, config)
@@ -34,7 +35,7 @@ def to_int8_dynamic(job: Job, config: Int8DynamicConfig) -> None:
             job.graphs[role] = quantize_graph(model, config)
     job.precision.update(weights="int8", activations="int8-dynamic", cpu_only=True)
     if config.kernel == "matmulnbits":
-        job.precision.update(weight_block_size=config.block_size, accuracy_level=config.accuracy_level)
+        job.precision.update(weight_block_size=block, accuracy_level=config.accuracy_level)
 
 
 def _matmulnbits8(model: onnx.ModelProto, config: Int8DynamicConfig) -> onnx.ModelProto:

@@ -17,7 +17,8 @@ def register(subparsers) -> None:
                                               "when --eval is not given")
     p.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
     p.add_argument("--smoothquant", type=float, metavar="ALPHA", help="SmoothQuant strength for int8 (e.g. 0.5)")
-    p.add_argument("--block-size", type=int, default=32, help="int4 block size (default 32)")
+    p.add_argument("--block-size", type=int, help="input channels per quantization block of int4 and "
+                                                   "int8-dynamic (default: the mode's own, see README)")
     p.add_argument("--prune-method", choices=("magnitude", "wanda", "2:4", "structured"), default="magnitude")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction pruned (default 0.5)")
     p.add_argument("--then", choices=("fp16", "int8-dynamic", "int8", "int4", "int4-qdq"),
@@ -35,11 +36,12 @@ def precision_config(mode: str, args: argparse.Namespace):
 
     if mode == "fp16":
         return Fp16Config()
+    block = {} if args.block_size is None else {"block_size": args.block_size}
     if mode == "int8-dynamic":
-        return Int8DynamicConfig()
+        return Int8DynamicConfig(**block)
     if mode == "int8":
         return Int8Config(calib_method=args.calib_method, smoothquant_alpha=args.smoothquant)
-    return Int4Config(block_size=args.block_size, format="qdq" if mode == "int4-qdq" else "matmulnbits")
+    return Int4Config(format="qdq" if mode == "int4-qdq" else "matmulnbits", **block)
 
 
 def run(args: argparse.Namespace) -> int:

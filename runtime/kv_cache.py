@@ -54,13 +54,16 @@ class KVSequence:
                                   "tokens; shorten the prompt or max_new_tokens")
         if mask is None:
             self.mask[:, self.length:end] = 1
-            positions = self.next_pos + np.arange(seq, dtype=np.int64) if seq > 1 else self.next_pos.copy()
-            self.next_pos += seq
+            # one token: the backend reads next_pos during the step, it moves on afterwards (a decode
+            # step runs right after ~100 MB of weights went through the caches, where every numpy
+            # call costs ~20 us: fewer calls is what keeps the runtime's share of a step small)
+            positions = self.next_pos + np.arange(seq, dtype=np.int64) if seq > 1 else self.next_pos
         else:
             self.mask[:, self.length:end] = mask
             counted = np.cumsum(mask, axis=1)
             positions = np.maximum(self.next_pos + counted - 1, 0)
-            self.next_pos += counted[:, -1:]
         self.length = end
         view = self.mask[:, :end]  # contiguous for batch 1; the backend copies otherwise (B*T int64)
-        return self.backend.step(self.state, ids, view, positions)
+        logits = self.backend.step(self.state, ids, view, positions)
+        self.next_pos += seq if mask is None else counted[:, -1:]
+        return logits

@@ -18,6 +18,7 @@ the ORT backend runs it when the attention mask is all ones and the portable gra
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -39,7 +40,6 @@ MANIFEST_ENTRY = {"path": ORT_MODEL_NAME, "portable": False,
 MS_DOMAIN = "com.microsoft"
 # Ops a value passes through between the packed QKV Split and the KV Concat (and after attention).
 _PASS_THROUGH = {"Transpose", "Reshape", "Cast", "Identity", "QuantizeLinear", "DequantizeLinear"}
-_ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -62,7 +62,7 @@ def build(graph_path: Path, arch: Architecture, kv_dtype: str) -> onnx.ModelProt
     log.debug("%s: fused %s", graph_path.name, fused)
     if _one_logits_row(graph):  # with every position's logits (prefill M = S) packing pays off
         nodes = ort_fusions.unpacked_lm_head(nodes, graph)
-    nodes = _live(nodes, graph)
+    nodes = _toposort(_live(nodes, graph), graph)
     needed = {name for node in nodes for name in node.input}
     kept_initializers = [t for t in graph.initializer if t.name in needed]
     del graph.initializer[:]
@@ -96,7 +96,7 @@ def attach(folder: Path, files: dict[str, dict], arch: Architecture, precision: 
     against that graph with onnxruntime and add it to ``files``. Returns the parity figures, or
     None (and writes nothing) when the architecture or graph does not allow the variant; the
     portable graphs serve alone then."""
-    source = files.get("model_last", files["model"])["path"]
+    source = (files.get("model_last") or files["model"])["path"]
     kv_dtype = str(precision.get("kv_cache_dtype", "float32"))
     reason = unsupported(arch)
     if reason is None:
@@ -325,15 +325,27 @@ def _live(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.Node
 
 
 def _toposort(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Kahn's order, stable: a node comes as early as its inputs allow, ties in list order."""
     available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(nodes), []
-    while pending:
-        ready = [n for n in pending if all(name in available for name in n.input)]
-        if not ready:
-            raise VariantError("the rewritten graph has a cycle or a dangling input")
-        for node in ready:
-            available.update(node.output)
-        ordered += ready
-        done = {id(n) for n in ready}
-        pending = [n for n in pending if id(n) not in done]
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output}
+    waiting = [0] * len(nodes)
+    users: dict[int, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for name in set(node.input) - available:
+            if name not in producer:
+                raise VariantError(f"the rewritten graph reads '{name}', which nothing produces")
+            waiting[i] += 1
+            users.setdefault(producer[name], []).append(i)
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    ordered = []
+    while ready:
+        i = heapq.heappop(ready)
+        ordered.append(nodes[i])
+        for user in users.get(i, []):
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, user)
+    if len(ordered) != len(nodes):
+        raise VariantError("the rewritten graph has a cycle")
     return ordered

@@ -8,6 +8,7 @@ greedy (temperature 0) or temperature -> top-k -> top-p -> draw.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,6 +128,13 @@ def choose_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
 
     ``seen [vocab]`` (bool) marks tokens already in prompt + output, for the repetition penalty.
     """
+    if params.greedy and (params.repetition_penalty is None or seen is None):
+        # argmax returns the first NaN or +inf when there is one, so checking the winner is
+        # enough here and saves a pass over the vocabulary every token
+        token = greedy(logits)
+        if not math.isfinite(logits[token]):
+            check_finite(logits)
+        return token
     check_finite(logits)
     if params.repetition_penalty is not None and seen is not None:
         logits = apply_repetition_penalty(logits, seen, float(params.repetition_penalty))

@@ -4,10 +4,12 @@ Generation runs ``model_ort.onnx`` when the bundle has it (onnxruntime's fused a
 kernels, see :mod:`gptedge.runtime.ort_variant`) for rows without padding, and ``model_last.onnx``
 (LM head on the last position; ``model.onnx`` when absent) otherwise: a left-padded batch, or when
 ``GPTEDGE_ORT_VARIANT=0``. Both graphs keep the same cache layout, so a state may switch between them.
-The KV cache never goes through numpy: each step binds the previous step's ``present.*``
-OrtValues as ``past_key_values.*`` with IO binding and lets onnxruntime allocate the new presents
-on the device; only the logits come back to numpy. Scoring (:meth:`OrtBackend.full_logits`)
-uses ``model.onnx``, loaded on first use.
+
+The KV cache never goes through numpy. On the variant (CPU) past and present are bound to the SAME
+preallocated buffers and the attention kernel appends in place; on the portable graph each step
+binds the previous step's ``present.*`` OrtValues as ``past_key_values.*`` with IO binding and
+lets onnxruntime allocate the new presents on the device. Only the logits come back to numpy.
+Scoring (:meth:`OrtBackend.full_logits`) uses ``model.onnx``, loaded on first use.
 """
 
 from __future__ import annotations

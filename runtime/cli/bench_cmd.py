@@ -66,7 +66,8 @@ def measure(generator: Any, prompt_len: int, new_tokens: int, batch: int, runs: 
             overhead.append(100.0 * (1.0 - sum(timer.durations[1:]) / decode_wall))
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return {"bundle": str(generator.bundle.path), "backend": generator.backend_name,
-            "threads": getattr(generator.backend, "threads", None), "prompt_len": prompt_len,
+            "threads": getattr(generator.backend, "threads", None),
+            "graph": getattr(getattr(generator.backend, "model_path", None), "name", None), "prompt_len": prompt_len,
             "new_tokens": new_tokens, "batch": batch, "runs": runs,
             "ttft_ms": 1000 * statistics.median(ttft),
             "decode_tokens_per_s": statistics.median(tps),
@@ -86,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"gptedge bench {report['bundle']} ({report['backend']}, {report['threads']} threads)")
+    graph = f", {report['graph']}" if report.get("graph") else ""
+    table = Table(title=f"gptedge bench {report['bundle']} ({report['backend']}, {report['threads']} threads{graph})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("prompt / new tokens / batch", f"{args.prompt_len} / {args.new_tokens} / {args.batch}")

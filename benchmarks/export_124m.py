@@ -1,6 +1,6 @@
 """Export a 124M GPT-2-config model (random weights) and report wall time and peak RSS.
 
-    python benchmarks/export_124m.py [--validate]
+    python benchmarks/export_124m.py [--validate] [--no-ort-variant]
 
 Builds an HF folder with transformers (dev extra), then runs `gptedge export` in a child process,
 so the figures are those of the real CLI path: load safetensors, trace both graphs, write the bundle.
@@ -31,12 +31,14 @@ def make_hf_folder(folder: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--validate", action="store_true", help="also run the parity check (needs transformers)")
+    parser.add_argument("--no-ort-variant", action="store_true", help="skip model_ort.onnx (and its check)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "gpt2-124m"
         model_bytes = make_hf_folder(source)
         command = [sys.executable, "-m", "gptedge.runtime.cli", "export", str(source), "-o", str(Path(tmp) / "bundle"),
-                   "--no-tokenizer"] + ([] if args.validate else ["--no-validate"])
+                   "--no-tokenizer"] + ([] if args.validate else ["--no-validate"]) + \
+            (["--no-ort-variant"] if args.no_ort_variant else [])
         start = time.perf_counter()
         subprocess.run(command, check=True)
         seconds = time.perf_counter() - start

@@ -43,8 +43,8 @@ def export(source: str | os.PathLike[str], config: ExportConfig, out_dir: str | 
     and a mismatch raises :class:`~gptedge.runtime.errors.ParityError` (and writes no bundle).
     """
     check_output_dir(out_dir, config.overwrite)  # refuse before minutes of loading and tracing
-    checkpoint = load_checkpoint(Path(source), config)
-    return export_loaded(checkpoint, config, out_dir)
+    # no local reference: export_loaded frees the torch weights before its onnxruntime checks
+    return export_loaded(load_checkpoint(Path(source), config), config, out_dir)
 
 
 def export_loaded(checkpoint: LoadedCheckpoint, config: ExportConfig,
@@ -64,20 +64,24 @@ def export_loaded(checkpoint: LoadedCheckpoint, config: ExportConfig,
     with atomic_output_dir(out_dir, overwrite=config.overwrite) as tmp:
         _write_graphs(decoder, config, tmp)
         manifest = _manifest(checkpoint, arch, config)
-        if config.ort_variant:
-            ort_variant.attach(tmp, manifest.files, arch, manifest.precision)
         if pruned:
             manifest.history.append(pruned)
             manifest.precision["sparsity"] = {"method": config.prune_method, "fraction": config.sparsity}
         _write_side_files(checkpoint, tmp)
         write_manifest(tmp, manifest)
+        reference = None
         if config.validate:
-            from gptedge.exporter.validate import check_parity
             reference = checkpoint.reference() if checkpoint.reference and not pruned else decoder
-            del checkpoint, decoder  # the ONNX graph is on disk; free what parity does not need
-            gc.collect()
+        del checkpoint, decoder  # the ONNX graph is on disk; free what parity does not need
+        gc.collect()
+        if reference is not None:
+            from gptedge.exporter.validate import check_parity
             manifest.parity = check_parity(tmp, reference, arch, config.tolerance)
-            write_manifest(tmp, manifest)
+            del reference
+            gc.collect()
+        if config.ort_variant:  # in a fresh interpreter: torch.export keeps ~2x the weights alive here
+            ort_variant.attach_isolated(tmp, manifest.files, arch, manifest.precision)
+        write_manifest(tmp, manifest)
     return load_bundle(out_dir)
 
 

@@ -19,7 +19,10 @@ the ORT backend runs it when the attention mask is all ones and the portable gra
 from __future__ import annotations
 
 import heapq
+import json
 import logging
+import subprocess
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -121,6 +124,44 @@ def attach(folder: Path, files: dict[str, dict], arch: Architecture, precision: 
 
 # Largest logit difference allowed, relative to max |logit|, by the graph's arithmetic. Int8
 # activations (QDQ) turn the fused kernels' last-bit differences into whole rounding steps.
+def attach_isolated(folder: Path, files: dict[str, dict], arch: Architecture, precision: dict) -> dict | None:
+    """:func:`attach` in a child interpreter (same arguments and effect on ``files``). For the
+    exporter: after tracing, torch keeps FX graphs holding ~2.4x the weights alive in its process
+    (GPT-2 124M: 1.2 GB), and the check's onnxruntime session would stack on top of them (export
+    peak RSS 3.7x instead of 3.0x the weights)."""
+    payload = json.dumps({"folder": str(folder), "files": files, "arch": arch.to_dict(), "precision": precision})
+    done = subprocess.run([sys.executable, "-m", "gptedge.runtime.ort_variant"], input=payload,
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise BundleError(f"{folder}: building {ORT_MODEL_NAME} failed in its child process: "
+                          f"{done.stderr.strip()[-2000:]}; re-export with --no-ort-variant and report this")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for level, message in result["log"]:
+        log.log(level, "%s", message)
+    files.clear()
+    files.update(result["files"])
+    return result["parity"]
+
+
+def _child_main() -> None:
+    """``python -m gptedge.runtime.ort_variant``: attach() on the JSON read from stdin; prints
+    ``{"files", "parity", "log"}`` as the last stdout line."""
+    request = json.loads(sys.stdin.read())
+    records: list[tuple[int, str]] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append((record.levelno, record.getMessage()))
+
+    log.addHandler(_Keep())
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    files = request["files"]
+    parity = attach(Path(request["folder"]), files, Architecture.from_dict(request["arch"]), request["precision"])
+    # the reply to attach_isolated (a machine protocol on stdout, not a message to the user)
+    sys.stdout.write(json.dumps({"files": files, "parity": parity, "log": records}) + "\n")
+
+
 PARITY_LIMITS = {"float32": 1e-3, "float16": 3e-2, "qdq": 5e-2}
 
 
@@ -145,6 +186,8 @@ def check_parity(reference: Path, variant: Path, arch: Architecture, kv_dtype: s
         try:
             options = ort.SessionOptions()
             options.intra_op_num_threads = 1
+            # no pre-packed copies of the weights: a few steps do not need them, the export's peak RSS does
+            options.add_session_config_entry("session.disable_prepacking", "1")
             session = ort.InferenceSession(str(exact), options, providers=["CPUExecutionProvider"])
             runs.append(_run_steps(session, steps, arch, _NP_DTYPES[kv_dtype]))
             del session
@@ -349,3 +392,7 @@ def _toposort(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.
     if len(ordered) != len(nodes):
         raise VariantError("the rewritten graph has a cycle")
     return ordered
+
+
+if __name__ == "__main__":
+    _child_main()

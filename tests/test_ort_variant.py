@@ -104,6 +104,10 @@ def test_unsupported_head_size_writes_no_variant(llama_bundle, caplog):
     with caplog.at_level(logging.INFO, logger="gptedge.runtime.ort_variant"):
         assert ort_variant.attach(bundle.path, files, bundle.manifest.architecture, {}) is None
     assert "multiple of 16" in caplog.text and contract.ORT_VARIANT_ROLE not in files
+    caplog.clear()  # the exporter's way: the same in a child interpreter, its log relayed here
+    with caplog.at_level(logging.INFO, logger="gptedge.runtime.ort_variant"):
+        assert ort_variant.attach_isolated(bundle.path, files, bundle.manifest.architecture, {}) is None
+    assert "multiple of 16" in caplog.text and files == dict(bundle.manifest.files)
 
 
 def test_a_graph_without_the_kv_pattern_is_refused(bundle_factory, tmp_path):

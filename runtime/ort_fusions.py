@@ -117,7 +117,7 @@ def _skip_layernorm(index: GraphIndex, residual: onnx.NodeProto):
     if residual.op_type != "Add" or any(name in index.initializers for name in residual.input):
         return None
     norm = next((n for n in index.consumers.get(residual.output[0], [])
-                 if n.op_type == "LayerNormalization" and len(n.input) == 3 and _axis(n) == -1), None)
+                 if n.op_type == "LayerNormalization" and len(n.input) == 3 and _axis_of(n, -1) == -1), None)
     if norm is None:
         return None
     dead, skip, bias = [residual, norm], residual.input[1], ""
@@ -150,9 +150,9 @@ def _fast_gelu(index: GraphIndex, tanh: onnx.NodeProto):
 def _tanh_gelu_nodes(index: GraphIndex, tanh: onnx.NodeProto) -> tuple[list[onnx.NodeProto], str] | None:
     """0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))) as the exporter writes it."""
     scale = index.made_by(tanh.input[0], "Mul")
-    inner = scale and index.made_by(_other(scale, tanh.input[0], index), "Add")
+    inner = scale and index.made_by(_other(scale, index), "Add")
     cube_mul = inner and index.made_by(inner.input[1], "Mul")
-    cube = cube_mul and index.made_by(_other(cube_mul, inner.input[1], index), "Pow")
+    cube = cube_mul and index.made_by(_other(cube_mul, index), "Pow")
     if not cube or index.scalar(cube.input[1]) != 3.0 or inner.input[0] != cube.input[0]:
         return None
     x = cube.input[0]
@@ -167,7 +167,7 @@ def _tanh_gelu_nodes(index: GraphIndex, tanh: onnx.NodeProto) -> tuple[list[onnx
     return [cube, cube_mul, inner, scale, tanh, plus_one, half, out], x
 
 
-def _other(node: onnx.NodeProto, output: str, index: GraphIndex) -> str:
+def _other(node: onnx.NodeProto, index: GraphIndex) -> str:
     """The non-constant input of a binary Mul (the one that is not an initializer)."""
     names = [name for name in node.input if name not in index.initializers]
     return names[0] if len(names) == 1 else ""
@@ -183,10 +183,6 @@ def _attr(node: onnx.NodeProto, name: str, default: float) -> float:
         if attr.name == name:
             return helper.get_attribute_value(attr)
     return default
-
-
-def _axis(node: onnx.NodeProto) -> int:
-    return int(_attr(node, "axis", -1))
 
 
 def unpacked_lm_head(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:

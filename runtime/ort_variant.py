@@ -55,9 +55,9 @@ def build(graph_path: Path, arch: Architecture, kv_dtype: str) -> onnx.ModelProt
     result refers to the same external data file, so save it in the same folder)."""
     model = onnx.load(str(graph_path), load_external_data=False)
     graph = model.graph
-    producers = {out: node for node in graph.node for out in node.output}
+    index = ort_fusions.GraphIndex(list(graph.node), graph)
     shared = _shared_inputs(graph, arch, kv_dtype)
-    attention = [_attention_node(graph, producers, arch, layer, shared) for layer in range(arch.num_layers)]
+    attention = [_attention_node(index, arch, layer, shared) for layer in range(arch.num_layers)]
     replaced = {out for node in attention for out in node.output}
     nodes = shared.nodes + [node for node in graph.node if not replaced.intersection(node.output)] + attention
     nodes = _toposort(_live(nodes, graph), graph)
@@ -267,17 +267,17 @@ def _rope_caches(graph: onnx.GraphProto, arch: Architecture, kv_dtype: str) -> t
     return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
 
 
-def _attention_node(graph: onnx.GraphProto, producers: dict[str, onnx.NodeProto], arch: Architecture,
-                    layer: int, shared: _Shared) -> onnx.NodeProto:
+def _attention_node(index: ort_fusions.GraphIndex, arch: Architecture, layer: int,
+                    shared: _Shared) -> onnx.NodeProto:
     """One GroupQueryAttention node that replaces ``layer``'s attention (its outputs take over the
     names of the old attention output and of the two presents)."""
     key_out, value_out = contract.present_name(layer, "key"), contract.present_name(layer, "value")
-    value_concat = _concat_of_cache(producers, value_out, contract.past_name(layer, "value"))
-    _concat_of_cache(producers, key_out, contract.past_name(layer, "key"))
-    split = _walk_back_to(producers, value_concat.input[1], "Split")
+    value_concat = _concat_of_cache(index.producer, value_out, contract.past_name(layer, "value"))
+    _concat_of_cache(index.producer, key_out, contract.past_name(layer, "key"))
+    split = _walk_back_to(index.producer, value_concat.input[1], "Split")
     if len(split.output) != 3:
         raise VariantError(f"layer {layer}: the QKV split has {len(split.output)} outputs, expected 3")
-    attn_output = _attention_output(graph, value_out, layer)
+    attn_output = _attention_output(index.consumers, value_out, layer)
     rotary = arch.position == "rope"
     inputs = [split.input[0], "", "", contract.past_name(layer, "key"), contract.past_name(layer, "value"),
               shared.seqlens_k, shared.total_length, shared.cos if rotary else "", shared.sin if rotary else "",
@@ -311,13 +311,9 @@ def _walk_back_to(producers: dict[str, onnx.NodeProto], tensor: str, op_type: st
     raise VariantError(f"no {op_type} found upstream of '{tensor}'; the graph is not a gptedge export")
 
 
-def _attention_output(graph: onnx.GraphProto, present_value: str, layer: int) -> str:
+def _attention_output(consumers: dict[str, list[onnx.NodeProto]], present_value: str, layer: int) -> str:
     """The tensor that leaves ``layer``'s attention core: the probs x V MatMul's output, followed
     through its head-merging Transpose/Reshape chain."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
     matmuls = [n for n in _through_qdq(consumers, present_value) if n.op_type == "MatMul"]
     if len(matmuls) != 1:
         raise VariantError(f"layer {layer}: expected one MatMul reading '{present_value}', found {len(matmuls)}")

@@ -13,7 +13,8 @@ Inputs and outputs keep the contract's names and shapes, so the same KV cache fe
 
 The variant is onnxruntime-only (``portable: false`` in the manifest) and exact only for rows
 without padding: ``GroupQueryAttention`` takes one valid length per row and no arbitrary mask, so
-the ORT backend runs it when the attention mask is all ones and the portable graph otherwise.
+the ORT backend runs it when the attention mask is all ones and the portable graph otherwise. The
+lengths come from ``position_ids`` (last position + 1); ``attention_mask`` stays an input, unread.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 from gptedge.runtime import contract, ort_fusions
 from gptedge.runtime.bundle import Architecture
 from gptedge.runtime.errors import BundleError
+from gptedge.runtime.ort_parity import PARITY_LIMITS, check_parity
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ MS_DOMAIN = "com.microsoft"
 # Ops a value passes through between the packed QKV Split and the KV Concat (and after attention).
 _PASS_THROUGH = {"Transpose", "Reshape", "Cast", "Identity", "QuantizeLinear", "DequantizeLinear"}
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+_INT64_MAX = np.iinfo(np.int64).max
 
 
 class VariantError(BundleError):
@@ -122,8 +125,6 @@ def attach(folder: Path, files: dict[str, dict], arch: Architecture, precision: 
     return parity
 
 
-# Largest logit difference allowed, relative to max |logit|, by the graph's arithmetic. Int8
-# activations (QDQ) turn the fused kernels' last-bit differences into whole rounding steps.
 def attach_isolated(folder: Path, files: dict[str, dict], arch: Architecture, precision: dict) -> dict | None:
     """:func:`attach` in a child interpreter (same arguments and effect on ``files``). For the
     exporter: after tracing, torch keeps FX graphs holding ~2.4x the weights alive in its process
@@ -162,63 +163,6 @@ def _child_main() -> None:
     sys.stdout.write(json.dumps({"files": files, "parity": parity, "log": records}) + "\n")
 
 
-PARITY_LIMITS = {"float32": 1e-3, "float16": 3e-2, "qdq": 5e-2}
-
-
-def check_parity(reference: Path, variant: Path, arch: Architecture, kv_dtype: str,
-                 prompt: int = 5, decode_steps: int = 2, seed: int = 0) -> dict[str, float]:
-    """Largest logit difference between the two graphs over a random prompt and a few decode steps
-    (batch 1, fed step by step through each graph's own presents). ``MatMulNBits`` run with float
-    compute here (accuracy level 0): at level 4 they quantize their activations per call, and a
-    last-bit difference upstream flips roundings (about 1 % of the logits), which would hide the
-    rewrite's own error. ``qdq`` says whether the graphs quantize activations regardless."""
-    import onnxruntime as ort
-
-    rng = np.random.default_rng(seed)
-    steps = [rng.integers(0, arch.vocab_size, (1, prompt))] + \
-        [rng.integers(0, arch.vocab_size, (1, 1)) for _ in range(decode_steps)]
-    runs, qdq = [], False
-    for path in (reference, variant):
-        model = onnx.load(str(path), load_external_data=False)
-        qdq = qdq or any(node.op_type == "QuantizeLinear" for node in model.graph.node)
-        exact = path.with_name(f".parity-{path.name}")  # beside it: the external data path is relative
-        onnx.save(_float_compute(model), str(exact))
-        try:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1
-            # no pre-packed copies of the weights: a few steps do not need them, the export's peak RSS does
-            options.add_session_config_entry("session.disable_prepacking", "1")
-            session = ort.InferenceSession(str(exact), options, providers=["CPUExecutionProvider"])
-            runs.append(_run_steps(session, steps, arch, _NP_DTYPES[kv_dtype]))
-            del session
-        finally:
-            exact.unlink()
-    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(*runs))
-    return {"max_abs_diff": diff, "max_abs_logit": max(float(np.max(np.abs(a))) for a in runs[0]), "qdq": qdq}
-
-
-def _float_compute(model: onnx.ModelProto) -> onnx.ModelProto:
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
-                attr.i = 0
-    return model
-
-
-def _run_steps(session, steps: list[np.ndarray], arch: Architecture, dtype) -> list[np.ndarray]:
-    past = [np.zeros((1, arch.num_kv_heads, 0, arch.head_dim), dtype)] * (2 * arch.num_layers)
-    length, logits = 0, []
-    for ids in steps:
-        total = length + ids.shape[1]
-        feeds = {contract.INPUT_IDS: ids.astype(np.int64), contract.ATTENTION_MASK: np.ones((1, total), np.int64),
-                 contract.POSITION_IDS: np.arange(length, total, dtype=np.int64)[None],
-                 **dict(zip(contract.past_names(arch.num_layers), past))}
-        out = session.run(None, feeds)
-        logits.append(out[0][:, -1].astype(np.float32))
-        past, length = out[1:], total
-    return logits
-
-
 class _Shared:
     """Nodes and tensor names every layer's attention node reads."""
 
@@ -231,19 +175,23 @@ class _Shared:
 
 
 def _shared_inputs(graph: onnx.GraphProto, arch: Architecture, kv_dtype: str) -> _Shared:
+    """Lengths for GroupQueryAttention from ``position_ids``, not from the mask: in a row without
+    padding the last position is the valid length - 1. Reading the mask would make the caller bind
+    a new ``[B, total]`` array every step (20 us of a 3 ms int4 step); the position array can stay
+    bound and be rewritten in place."""
     shared = _Shared()
-    mask = contract.ATTENTION_MASK
-    one = _constant(graph, "gqa.one", np.array(1, dtype=np.int64))
-    axes = _constant(graph, "gqa.axis1", np.array([1], dtype=np.int64))
+    axis1 = _constant(graph, "gqa.axis1", np.array([1], dtype=np.int64))
+    last = _constant(graph, "gqa.last", np.array([-1], dtype=np.int64))
+    end = _constant(graph, "gqa.end", np.array([_INT64_MAX], dtype=np.int64))
+    one = _constant(graph, "gqa.one", np.array(1, dtype=np.int32))
     shared.nodes += [
-        # seqlens_k = valid tokens per row - 1; total = mask length (both int32, as the op wants)
-        helper.make_node("ReduceSum", [mask, axes], ["gqa.mask_sum"], keepdims=0, name="/gqa/ReduceSum"),
-        helper.make_node("Sub", ["gqa.mask_sum", one], ["gqa.seqlens_k64"], name="/gqa/Sub"),
+        # seqlens_k = valid tokens per row - 1 = last position; total = its maximum + 1 (int32, as the op wants)
+        helper.make_node("Slice", [contract.POSITION_IDS, last, end, axis1], ["gqa.last_position"],
+                         name="/gqa/Slice"),
+        helper.make_node("Squeeze", ["gqa.last_position", axis1], ["gqa.seqlens_k64"], name="/gqa/Squeeze"),
         helper.make_node("Cast", ["gqa.seqlens_k64"], [shared.seqlens_k], to=TensorProto.INT32, name="/gqa/Cast"),
-        helper.make_node("Shape", [mask], ["gqa.mask_shape"], start=1, end=2, name="/gqa/Shape"),
-        helper.make_node("Squeeze", ["gqa.mask_shape"], ["gqa.total64"], name="/gqa/Squeeze"),
-        helper.make_node("Cast", ["gqa.total64"], [shared.total_length], to=TensorProto.INT32,
-                         name="/gqa/Cast_1"),
+        helper.make_node("ReduceMax", [shared.seqlens_k], ["gqa.max_seqlen_k"], keepdims=0, name="/gqa/ReduceMax"),
+        helper.make_node("Add", ["gqa.max_seqlen_k", one], [shared.total_length], name="/gqa/Add"),
     ]
     if arch.position == "rope":
         cos, sin = _rope_caches(graph, arch, kv_dtype)

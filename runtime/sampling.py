@@ -63,7 +63,7 @@ def check_finite(logits: np.ndarray) -> None:
 
 def greedy(logits: np.ndarray) -> int:
     """The id of the largest logit (the first one on ties, as torch.argmax)."""
-    return int(np.argmax(logits))
+    return int(logits.argmax())  # the method: np.argmax adds a Python wrapper call per token
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:

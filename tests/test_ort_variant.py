@@ -189,3 +189,28 @@ def test_a_state_leaves_the_in_place_cache_for_a_padded_step(bundle_factory, mon
         assert all(isinstance(v, ort.OrtValue) for v in state.past)
     assert fast._padded_session is not None
     np.testing.assert_allclose(np.stack(results[0]), np.stack(results[1]), atol=1e-4)
+
+
+def test_variant_takes_lengths_from_positions_and_checks_them(bundle_factory, monkeypatch):
+    """The variant does not read the mask (so a decode step binds nothing new); a step whose
+    positions do not continue the cache goes to the portable graph, which honours them."""
+    from gptedge.runtime.errors import GenerationError
+
+    path = bundle_factory(GQA_LLAMA)
+    graph = onnx.load(str(path / "model_ort.onnx"), load_external_data=False).graph
+    assert not [n.name for n in graph.node if contract.ATTENTION_MASK in n.input]
+    ids = np.random.default_rng(4).integers(0, GQA_LLAMA.vocab_size, (1, 6))
+    shifted = [(ids[:, :5], np.ones((1, 5), np.int64), np.arange(3, 8)[None]),
+               (ids[:, 5:], np.ones((1, 6), np.int64), np.array([[8]]))]
+    fast = OrtBackend(load_bundle(path), threads=1)
+    monkeypatch.setenv("GPTEDGE_ORT_VARIANT", "0")
+    portable = OrtBackend(load_bundle(path), threads=1)
+    results = []
+    for backend in (fast, portable):
+        state = backend.new_state(1)
+        results.append([backend.step(state, *feed).copy() for feed in shifted])
+    assert fast._padded_session is not None
+    np.testing.assert_allclose(np.stack(results[0]), np.stack(results[1]), atol=1e-4)
+    state = fast.new_state(1)
+    with pytest.raises(GenerationError, match=r"attention_mask has 4 columns.*pass \[batch, 5\]"):
+        fast.step(state, ids[:, :5], np.ones((1, 4), np.int64), np.arange(5)[None])

@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 from gptedge.runtime import contract
 from gptedge.runtime.bundle import Bundle
-from gptedge.runtime.errors import BackendUnavailableError, BundleError
+from gptedge.runtime.errors import BackendUnavailableError, BundleError, GenerationError
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,10 @@ class OrtState:
     # past input that onnxruntime reads AND writes (``past`` wraps them); ``bound`` once the
     # variant's binding points at them.
     buffers: list[np.ndarray] | None = None
-    logits: np.ndarray | None = None  # [B, 1, V] output buffer of the last-position variant
+    logits: np.ndarray | None = None  # [B, V] view of the [B, 1, V] output buffer of the last-position variant
     bound: bool = False
-    # the [B, 1] input_ids / position_ids arrays bound for one-token steps (see _bind_token)
-    token_inputs: tuple[np.ndarray, np.ndarray] | None = None
+    # the [B, 1] input_ids / position_ids arrays (and the mask) bound for one-token steps (see _bind_token)
+    token_inputs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 class OrtBackend:
@@ -132,9 +132,16 @@ class OrtBackend:
     def step(self, state: OrtState, input_ids: np.ndarray, attention_mask: np.ndarray,
              position_ids: np.ndarray) -> np.ndarray:
         """Run ``input_ids [B, S]``; the presents replace ``state.past``; returns logits ``[B, V]``."""
-        padded = self.has_variant and not attention_mask.all()
-        if self.has_variant and not padded and self.device == "cpu":
+        seq = input_ids.shape[1]
+        if attention_mask.shape[1] != state.length + seq:
+            raise GenerationError(f"attention_mask has {attention_mask.shape[1]} columns; the cache holds "
+                                  f"{state.length} tokens and {seq} are new: pass [batch, {state.length + seq}]")
+        # count_nonzero: a quarter of the cost of .all() (a ufunc reduction), paid every step
+        fits = self.has_variant and np.count_nonzero(attention_mask) == attention_mask.size \
+            and self._variant_positions(state, input_ids, position_ids)
+        if fits and self.device == "cpu":
             return self._step_in_place(state, input_ids, attention_mask, position_ids)
+        padded = self.has_variant and not fits
         if state.buffers is not None:
             self._leave_buffers(state)
         session = self._padded() if padded else self.session
@@ -150,8 +157,18 @@ class OrtBackend:
         session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         state.past = [outputs[i + 1] for i in range(len(self.present_names))]
-        state.length += input_ids.shape[1]
+        state.length += seq
         return _last_row(outputs[0].numpy())
+
+    @staticmethod
+    def _variant_positions(state: OrtState, input_ids: np.ndarray, position_ids: np.ndarray) -> bool:
+        """Whether ``position_ids`` are what the variant derives its lengths from: each row's last
+        position is the cache length so far + S - 1. The arrays the generate loop keeps bound for
+        one-token steps are its own and always are (see _bind_token), so they are not re-read."""
+        bound = state.token_inputs
+        if bound is not None and bound[0] is input_ids and bound[1] is position_ids:
+            return True
+        return bool((position_ids[:, -1] == state.length + input_ids.shape[1] - 1).all())
 
     def _step_in_place(self, state: OrtState, input_ids: np.ndarray, attention_mask: np.ndarray,
                        position_ids: np.ndarray) -> np.ndarray:
@@ -163,8 +180,9 @@ class OrtBackend:
         if not state.bound:
             binding.clear_binding_outputs()
             if self.one_logits_row:  # a fixed [B, 1, V] logits buffer: nothing to allocate or wrap per step
-                state.logits = np.empty((state.batch, 1, self.bundle.manifest.architecture.vocab_size), np.float32)
-                binding.bind_ortvalue_output(contract.LOGITS, ort.OrtValue.ortvalue_from_numpy(state.logits))
+                buffer = np.empty((state.batch, 1, self.bundle.manifest.architecture.vocab_size), np.float32)
+                binding.bind_ortvalue_output(contract.LOGITS, ort.OrtValue.ortvalue_from_numpy(buffer))
+                state.logits = buffer[:, 0, :]
             else:
                 binding.bind_output(contract.LOGITS, "cpu")
             for past, present, value in zip(self.past_names, self.present_names, state.past):
@@ -172,21 +190,22 @@ class OrtBackend:
                 binding.bind_ortvalue_output(present, value)
             state.bound = True
         if input_ids.shape[1] == 1:
-            self._bind_token(state, binding, input_ids, position_ids)
-            binding.bind_cpu_input(contract.ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
+            self._bind_token(state, binding, input_ids, attention_mask, position_ids)
         else:
             _bind_inputs(binding, input_ids, attention_mask, position_ids)
             state.token_inputs = None
         self.session.run_with_iobinding(binding)
         state.length += input_ids.shape[1]
         if state.logits is not None:
-            return state.logits[:, -1, :]  # a view: valid until this state's next step (see Backend.step)
+            return state.logits  # a view: valid until this state's next step (see Backend.step)
         return _last_row(binding.get_outputs()[0].numpy())
 
     @staticmethod
-    def _bind_token(state: OrtState, binding: Any, input_ids: np.ndarray, position_ids: np.ndarray) -> None:
-        """Bind a decode step's ids and positions. The generate loop passes the SAME two arrays
-        every step, rewritten in place; bound memory is read at run time, so they are bound once.
+    def _bind_token(state: OrtState, binding: Any, input_ids: np.ndarray, attention_mask: np.ndarray,
+                    position_ids: np.ndarray) -> None:
+        """Bind a decode step's inputs. The generate loop passes the SAME ids and positions arrays
+        every step, rewritten in place; bound memory is read at run time, so they are bound once,
+        and so is the mask, which the variant does not read (its lengths come from the positions).
         (Right after a step has streamed the weights through the caches every Python/numpy call
         costs ~20 us, a measurable share of a 3.5 ms int4 step.)"""
         bound = state.token_inputs
@@ -196,8 +215,12 @@ class OrtBackend:
         positions = np.ascontiguousarray(position_ids, dtype=np.int64)
         binding.bind_cpu_input(contract.INPUT_IDS, ids)
         binding.bind_cpu_input(contract.POSITION_IDS, positions)
-        # only arrays bound as they are (no converted copy) may be reused by identity
-        state.token_inputs = (input_ids, position_ids) if ids is input_ids and positions is position_ids else None
+        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        binding.bind_cpu_input(contract.ATTENTION_MASK, mask)
+        # only arrays bound as they are (no converted copy) may be reused by identity; the tuple also
+        # keeps the bound memory alive
+        state.token_inputs = (input_ids, position_ids, mask) if ids is input_ids and positions is position_ids \
+            else None
 
     def _grow_buffers(self, state: OrtState, needed: int) -> None:
         """(Re)allocate the in-place buffers for at least ``needed`` tokens (doubling, at most

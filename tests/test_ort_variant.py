@@ -179,16 +179,24 @@ def test_a_state_leaves_the_in_place_cache_for_a_padded_step(bundle_factory, mon
              np.array([[1, 1, 0, 1, 1, 1, 1, 1]])]
     feeds = [(ids[:, :5], masks[0], np.arange(5)[None]), (ids[:, 5:6], masks[1], np.array([[5]])),
              (ids[:, 6:7], masks[2], np.array([[5]])), (ids[:, 7:8], masks[3], np.array([[6]]))]
+    fast = _steps_match_the_portable_graph(path, feeds, monkeypatch)
+    assert fast._padded_session is not None
+
+
+def _steps_match_the_portable_graph(path, feeds, monkeypatch) -> OrtBackend:
+    """Run ``feeds`` (ids, mask, positions) step by step on the variant's backend and on the
+    portable graph's; the logits must agree. Returns the variant's backend."""
     fast = OrtBackend(load_bundle(path), threads=1)
     monkeypatch.setenv("GPTEDGE_ORT_VARIANT", "0")
     portable = OrtBackend(load_bundle(path), threads=1)
+    monkeypatch.delenv("GPTEDGE_ORT_VARIANT")
     results = []
     for backend in (fast, portable):
         state = backend.new_state(1)
         results.append([backend.step(state, *feed).copy() for feed in feeds])
         assert all(isinstance(v, ort.OrtValue) for v in state.past)
-    assert fast._padded_session is not None
     np.testing.assert_allclose(np.stack(results[0]), np.stack(results[1]), atol=1e-4)
+    return fast
 
 
 def test_variant_takes_lengths_from_positions_and_checks_them(bundle_factory, monkeypatch):
@@ -202,15 +210,8 @@ def test_variant_takes_lengths_from_positions_and_checks_them(bundle_factory, mo
     ids = np.random.default_rng(4).integers(0, GQA_LLAMA.vocab_size, (1, 6))
     shifted = [(ids[:, :5], np.ones((1, 5), np.int64), np.arange(3, 8)[None]),
                (ids[:, 5:], np.ones((1, 6), np.int64), np.array([[8]]))]
-    fast = OrtBackend(load_bundle(path), threads=1)
-    monkeypatch.setenv("GPTEDGE_ORT_VARIANT", "0")
-    portable = OrtBackend(load_bundle(path), threads=1)
-    results = []
-    for backend in (fast, portable):
-        state = backend.new_state(1)
-        results.append([backend.step(state, *feed).copy() for feed in shifted])
+    fast = _steps_match_the_portable_graph(path, shifted, monkeypatch)
     assert fast._padded_session is not None
-    np.testing.assert_allclose(np.stack(results[0]), np.stack(results[1]), atol=1e-4)
     state = fast.new_state(1)
     with pytest.raises(GenerationError, match=r"attention_mask has 4 columns.*pass \[batch, 5\]"):
         fast.step(state, ids[:, :5], np.ones((1, 4), np.int64), np.arange(5)[None])

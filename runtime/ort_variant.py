@@ -13,8 +13,9 @@ Inputs and outputs keep the contract's names and shapes, so the same KV cache fe
 
 The variant is onnxruntime-only (``portable: false`` in the manifest) and exact only for rows
 without padding: ``GroupQueryAttention`` takes one valid length per row and no arbitrary mask, so
-the ORT backend runs it when the attention mask is all ones and the portable graph otherwise. The
-lengths come from ``position_ids`` (last position + 1); ``attention_mask`` stays an input, unread.
+the ORT backend runs it when the attention mask is all ones and the positions continue the cache,
+and the portable graph otherwise. The lengths come from ``position_ids`` (last position + 1);
+``attention_mask`` stays an input, unread.
 """
 
 from __future__ import annotations

@@ -157,8 +157,14 @@ def _current(bundle: Path, config: dict | None) -> bool:
     manifest = json.loads(path.read_text())
     built_with = manifest.get("tools", {}).get("gptedge")
     last = manifest.get("history", [{}])[-1]
-    return built_with == __version__ and "model_ort" in manifest.get("files", {}) and \
-        (config is None or last.get("config") == config)
+    variant = manifest.get("files", {}).get("model_ort")
+    if built_with != __version__ or variant is None or (config is not None and last.get("config") != config):
+        return False
+    from gptedge.runtime import contract
+    from gptedge.runtime.onnx_io import graph_reads
+
+    # a variant from before lengths came from the positions still runs, but binds a mask per step
+    return not graph_reads(bundle / variant["path"], contract.ATTENTION_MASK)
 
 
 def genai_venv(venv: Path) -> Path:

@@ -11,7 +11,8 @@ import onnx
 from gptedge.runtime import contract
 from gptedge.runtime.bundle import Architecture
 
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+# numpy dtype of each manifest kv_cache_dtype
+NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 # Largest logit difference allowed, relative to max |logit|, by the graph's arithmetic. Int8
 # activations (QDQ) turn the fused kernels' last-bit differences into whole rounding steps.
@@ -42,7 +43,7 @@ def check_parity(reference: Path, variant: Path, arch: Architecture, kv_dtype: s
             # no pre-packed copies of the weights: a few steps do not need them, the export's peak RSS does
             options.add_session_config_entry("session.disable_prepacking", "1")
             session = ort.InferenceSession(str(exact), options, providers=["CPUExecutionProvider"])
-            runs.append(_run_steps(session, steps, arch, _NP_DTYPES[kv_dtype]))
+            runs.append(_run_steps(session, steps, arch, NP_DTYPES[kv_dtype]))
             del session
         finally:
             exact.unlink()

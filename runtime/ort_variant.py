@@ -35,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 from gptedge.runtime import contract, ort_fusions
 from gptedge.runtime.bundle import Architecture
 from gptedge.runtime.errors import BundleError
-from gptedge.runtime.ort_parity import PARITY_LIMITS, check_parity
+from gptedge.runtime.ort_parity import NP_DTYPES, PARITY_LIMITS, check_parity
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ MANIFEST_ENTRY = {"path": ORT_MODEL_NAME, "portable": False,
 MS_DOMAIN = "com.microsoft"
 # Ops a value passes through between the packed QKV Split and the KV Concat (and after attention).
 _PASS_THROUGH = {"Transpose", "Reshape", "Cast", "Identity", "QuantizeLinear", "DequantizeLinear"}
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 _INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -212,7 +211,7 @@ def _rope_caches(graph: onnx.GraphProto, arch: Architecture, kv_dtype: str) -> t
                            f"{arch.head_dim // 2}; partial rotary embeddings are not supported by the variant")
     # fp32 angles, as the portable graph computes them (position * inv_freq in float32)
     angles = np.arange(arch.max_context, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
-    dtype = _NP_DTYPES[kv_dtype]
+    dtype = NP_DTYPES[kv_dtype]
     return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
 
 

@@ -169,8 +169,7 @@ class OrtBackend:
         """Whether ``position_ids`` are what the variant derives its lengths from: each row's last
         position is the cache length so far + S - 1. The arrays the generate loop keeps bound for
         one-token steps are its own and always are (see _bind_token), so they are not re-read."""
-        bound = state.token_inputs
-        if bound is not None and bound[0] is input_ids and bound[1] is position_ids:
+        if _still_bound(state, input_ids, position_ids):
             return True
         return bool((position_ids[:, -1] == state.length + input_ids.shape[1] - 1).all())
 
@@ -214,8 +213,7 @@ class OrtBackend:
         and so is the mask, which the variant does not read (its lengths come from the positions).
         (Right after a step has streamed the weights through the caches every Python/numpy call
         costs ~20 us, a measurable share of a 3.5 ms int4 step.)"""
-        bound = state.token_inputs
-        if bound is not None and bound[0] is input_ids and bound[1] is position_ids:
+        if _still_bound(state, input_ids, position_ids):
             return
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         positions = np.ascontiguousarray(position_ids, dtype=np.int64)
@@ -284,6 +282,12 @@ class OrtBackend:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _still_bound(state: OrtState, input_ids: np.ndarray, position_ids: np.ndarray) -> bool:
+    """Whether these very arrays are the ones bound for one-token steps (see _bind_token)."""
+    bound = state.token_inputs
+    return bound is not None and bound[0] is input_ids and bound[1] is position_ids
 
 
 def _spinning(threads: int) -> bool:

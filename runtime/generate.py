@@ -107,10 +107,14 @@ class Generator:
             return ids
         if truncate_prompt and room >= 1:
             return ids[-room:]
+        if room < 1:  # truncating cannot help: the new tokens alone fill the context
+            raise GenerationError(
+                f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's context of "
+                f"{self.max_context} tokens; lower max_new_tokens below {self.max_context}")
         raise GenerationError(
             f"prompt of {len(ids)} tokens + max_new_tokens={max_new_tokens} exceeds the model's context of "
             f"{self.max_context} tokens; lower max_new_tokens or pass truncate_prompt=True "
-            f"(keeps the last {max(room, 0)} prompt tokens)")
+            f"(keeps the last {room} prompt tokens)")
 
     def _call(self, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
               repetition_penalty: float | None, seed: int | None, stop: Any, ignore_eos: bool) -> _Call:
@@ -225,13 +229,31 @@ class Generator:
         return ChatSession(self)
 
     def close(self) -> None:
+        """Release the engine; any later call raises a GenerationError instead of failing inside it."""
         self.backend.close()
+        self.backend = _ClosedBackend(self.backend.name)
 
     def __enter__(self) -> Generator:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _ClosedBackend:
+    """Stands in for the engine of a closed :class:`Generator`: every use says so in one line."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def _closed(self, *args: Any, **kwargs: Any) -> Any:
+        raise GenerationError(f"this Generator ({self.name}) was closed; open the bundle again with "
+                              "gptedge.runtime.load(...)")
+
+    new_state = step = full_logits = _closed
+
+    def close(self) -> None:
+        pass  # closing twice is harmless
 
 
 class TextStream:

@@ -90,7 +90,9 @@ def _gpt2_folder(path: Path) -> Path:
     tokenizer = gpt2_tokenizer()
     if tokenizer is None:  # without the shared data: the small tokenizer, GPT-2 style ids
         tokenizer = small_tokenizer()
-        config = gpt2_config()
+        # GPT-2 style: one token (</s> here, <|endoftext|> there) is both BOS and EOS; the wider
+        # init keeps greedy decoding of the random model from looping on one token
+        config = gpt2_config(bos_token_id=2, eos_token_id=2, initializer_range=0.2)
     else:
         # a wider init than GPT-2's 0.02: with 50257 tokens that one greedy-decodes a single repeated token
         config = gpt2_config(vocab_size=tokenizer.get_vocab_size(), bos_token_id=50256, eos_token_id=50256,

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from hf_folders import exported
 
 from gptedge.runtime import load
@@ -68,3 +69,33 @@ def test_inspect_shows_manifest_io_ops_and_sizes(gpt2_bundle):
     assert info["files"]["weights"]["bytes"] > 0 and info["parity"]["passed"] is True
     table = cli("inspect", str(gpt2_bundle))
     assert table.returncode == 0 and "past_key_values.1.value" in table.stdout and "MatMul" in table.stdout
+
+
+def test_bench_defaults_fit_a_short_context(gpt2_bundle):
+    # the tiny bundle's context (64) is shorter than the default 32 prompt + 128 new tokens
+    out = cli("bench", str(gpt2_bundle), "--runs", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["prompt_len"] + report["new_tokens"] <= 64 and report["new_tokens"] > 1
+
+
+def test_too_many_new_tokens_never_suggests_truncating_to_nothing(gpt2_bundle):
+    out = cli("generate", str(gpt2_bundle), "1,2,3", "--ids", "--max-new-tokens", "64")
+    assert out.returncode == 6 and "truncate" not in out.stderr and "below 64" in out.stderr
+
+
+def test_generate_ids_on_a_bundle_without_tokenizer_prints_the_ids(gpt2_bundle):
+    out = cli("generate", str(gpt2_bundle), "1,2,3", "--ids", "--max-new-tokens", "5", "--ignore-eos")
+    assert out.returncode == 0, out.stderr
+    want = load(gpt2_bundle, backend="ort-cpu").generate([1, 2, 3], max_new_tokens=5, ignore_eos=True).tokens
+    assert out.stdout == ",".join(map(str, want)) + "\n"
+
+
+def test_a_closed_generator_says_so(gpt2_bundle):
+    from gptedge.runtime.errors import GenerationError
+
+    generator = load(gpt2_bundle, backend="ort-cpu")
+    generator.close()
+    with pytest.raises(GenerationError, match="was closed"):
+        generator.generate([1, 2, 3], max_new_tokens=2)
+    generator.close()  # twice is fine

@@ -14,8 +14,10 @@ from typing import Any
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="measure TTFT, decode speed and memory of a bundle")
     p.add_argument("bundle", help="bundle folder made by `gptedge export`")
-    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (random ids, default 32)")
-    p.add_argument("--new-tokens", type=int, default=128, help="tokens to generate per run (EOS ignored)")
+    p.add_argument("--prompt-len", type=int, help="prompt tokens (random ids; default 32, or a quarter of a "
+                   "shorter context)")
+    p.add_argument("--new-tokens", type=int, help="tokens to generate per run, EOS ignored (default 128, or "
+                   "what is left of the context after the prompt)")
     p.add_argument("--batch", type=int, default=1, help="prompts per run (default 1)")
     p.add_argument("--runs", type=int, default=5, help="measured runs after one warm-up (default 5)")
     p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
@@ -76,10 +78,25 @@ def measure(generator: Any, prompt_len: int, new_tokens: int, batch: int, runs: 
             "peak_rss_mib": peak_kib / 1024}
 
 
+DEFAULT_PROMPT_LEN = 32
+DEFAULT_NEW_TOKENS = 128
+
+
+def default_lengths(max_context: int, prompt_len: int | None, new_tokens: int | None) -> tuple[int, int]:
+    """(prompt_len, new_tokens): the given values, with each one left out chosen to fit ``max_context``
+    (a demo bundle has only 128 tokens, less than the default 32 + 128)."""
+    if prompt_len is None:
+        prompt_len = min(DEFAULT_PROMPT_LEN, max(1, max_context // 4))
+    if new_tokens is None:
+        new_tokens = min(DEFAULT_NEW_TOKENS, max(1, max_context - prompt_len))
+    return prompt_len, new_tokens
+
+
 def run(args: argparse.Namespace) -> int:
     from gptedge.runtime import load
 
     generator = load(args.bundle, backend=args.backend, threads=args.threads)
+    args.prompt_len, args.new_tokens = default_lengths(generator.max_context, args.prompt_len, args.new_tokens)
     report = measure(generator, args.prompt_len, args.new_tokens, args.batch, args.runs)
     if args.json:
         print(json.dumps(report, indent=2))

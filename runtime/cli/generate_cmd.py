@@ -44,7 +44,10 @@ def run(args: argparse.Namespace) -> int:
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                   stop=args.stop, ignore_eos=args.ignore_eos, truncate_prompt=args.truncate_prompt)
-    if args.no_stream:
+    if generator.tokenizer_info.kind == "none":  # no tokenizer to decode with: the ids are the output
+        result = generator.generate(_prompt(args), **kwargs)
+        sys.stdout.write(",".join(str(t) for t in result.tokens))
+    elif args.no_stream:
         result = generator.generate(_prompt(args), **kwargs)
         sys.stdout.write(result.text)
     else:

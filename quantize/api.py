@@ -69,7 +69,7 @@ def quantize(bundle_dir: str | os.PathLike[str], config: QuantConfig, out_dir: s
         manifest.history.append(entry)
         write_manifest(tmp, manifest)
         if eval_ids is None:
-            log.warning("no --eval or --calib text: the quality gate is skipped for %s", tmp.name)
+            log.warning("no --eval or --calib text: the quality gate is skipped for %s", out_dir)
         else:
             entry["quality"] = measure(source, load_bundle(tmp), eval_ids, budget)
             write_manifest(tmp, manifest)

@@ -180,3 +180,18 @@ def test_cli_exit_codes(llama_bundle, tmp_path, capsys):
     assert main(["lint", str(folder)]) == EngineError.exit_code
     out = capsys.readouterr()
     assert "opset" in out.out and "would not parse" in out.err
+
+
+def test_cli_table_keeps_whole_node_names_in_80_columns(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")
+    w = numpy_helper.from_array(np.zeros((8, 1, 8), np.uint8), "w")
+    s = numpy_helper.from_array(np.ones(8, np.float32), "s")
+    name = "/layers.17/mlp/down_proj/MatMulNBits"
+    node = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=8, N=8, bits=4,
+                            block_size=16, name=name)
+    folder = _bundle(tmp_path, [node], [_io("x")], [_io("y")], [w, s], domains=["com.microsoft"])
+    assert main(["lint", str(folder)]) == EngineError.exit_code
+    out = capsys.readouterr().out
+    assert max(map(len, out.splitlines())) <= 80
+    first_column = "".join(line.split("│")[1].strip() for line in out.splitlines() if line.count("│") == 4)
+    assert name in first_column  # whole, folded over lines rather than cut

@@ -57,3 +57,23 @@ def llama_bundle(bundle_factory) -> Path:
 @pytest.fixture(scope="session")
 def gpt2_bundle(bundle_factory) -> Path:
     return bundle_factory(TINY_GPT2)
+
+
+# Whole modules that train models, run the demo and the examples, drive peer clients (Optimum,
+# onnxruntime-genai) or score quality gates: minutes together. `pytest` alone skips them (and every
+# test marked slow); `pytest --run-slow`, what CI runs, runs everything.
+SLOW_MODULES = frozenset({"test_demo", "test_train", "test_prune_finetune", "test_examples", "test_hf_clients",
+                          "test_peers_quick", "test_quantize_prune_gate"})
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (CI does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_slow = pytest.mark.skip(reason="slow: run with --run-slow (CI does)")
+    for item in items:
+        if item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+        if not config.getoption("--run-slow") and item.get_closest_marker("slow"):
+            item.add_marker(skip_slow)

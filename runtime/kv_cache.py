@@ -38,11 +38,6 @@ class KVSequence:
         self.length = 0  # tokens in the cache, pads included
         self.next_pos = np.zeros((batch, 1), dtype=np.int64)
 
-    @property
-    def room(self) -> int:
-        """Tokens that still fit in the cache."""
-        return self.max_context - self.length
-
     def feed(self, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         """Run ``ids [B, S]`` (``mask [B, S]``: 0 for left padding; None = all real tokens) and
         return the last position's logits ``[B, V]``. Pads get position 0 and real tokens count

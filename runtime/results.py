@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from gptedge.runtime.errors import GenerationError
 from gptedge.runtime.tokenizer import IncrementalDecoder, Tokenizer
 
-FINISH_REASONS = ("length", "eos", "stop")
-
 
 @dataclass
 class GenerationResult:

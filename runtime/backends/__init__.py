@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -36,7 +35,14 @@ class Backend(Protocol):
         """Run the model on ``input_ids [B, S]`` (int64) with ``attention_mask [B, past + S]`` and
         ``position_ids [B, S]``; append the new keys/values to ``state``; return the last position's
         logits ``[B, vocab]`` as float32 numpy. The array may be a view of the backend's output
-        buffer: it is valid until the next ``step`` on the same state (copy it to keep it)."""
+        buffer: it is valid until the next ``step`` on the same state (copy it to keep it).
+
+        Array-reuse rule (a performance contract both sides keep): for one-token decode steps the
+        generate loop passes the SAME ``input_ids``, ``attention_mask`` and ``position_ids``
+        objects every step, rewritten in place. A backend may recognise them by identity and keep
+        them bound instead of copying them in again (the onnxruntime backend does), so a caller
+        must never hand a backend a fresh array with the expectation of a rebind being skipped,
+        nor mutate an array it passed except to prepare the next step of the same state."""
         ...
 
     def full_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray,
@@ -47,8 +53,6 @@ class Backend(Protocol):
     def close(self) -> None:
         ...
 
-
-BackendFactory = Callable[[Bundle, "int | None"], Backend]
 
 # name -> (module, factory function name, availability probe name). Modules are imported lazily
 # so that importing the runtime never imports tensorrt or CUDA libraries.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import logging
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import torch
 
+from gptedge.exporter.chat_template import TEMPLATE_NAME, template_tokenizer_info
 from gptedge.exporter.checkpoints import LoadedCheckpoint
 from gptedge.exporter.checkpoints.detect import load_checkpoint
 from gptedge.exporter.config import ExportConfig
@@ -168,6 +170,14 @@ def _manifest(checkpoint: LoadedCheckpoint, arch, config: ExportConfig) -> Manif
                         tools=tool_versions(), history=[{"step": "export", "opset": config.opset}])
     if tokenizer_info is not None:
         manifest.tokenizer = tokenizer_info
+    template = getattr(checkpoint, "chat_template", None)
+    if template:
+        side = checkpoint.tokenizer.files if checkpoint.tokenizer else {}
+        tok_cfg = json.loads(side["tokenizer_config.json"]) if "tokenizer_config.json" in side else {}
+        manifest.tokenizer = template_tokenizer_info(manifest.tokenizer, template, side.get("tokenizer.json"),
+                                                     tok_cfg if isinstance(tok_cfg, dict) else {})
+        files[f"tokenizer:{TEMPLATE_NAME}"] = {"path": TEMPLATE_NAME, "portable": True,
+                                               "purpose": "Jinja chat template"}
     return manifest
 
 
@@ -175,6 +185,8 @@ def _write_side_files(checkpoint: LoadedCheckpoint, folder: Path) -> None:
     files = dict(checkpoint.extra_files)
     if checkpoint.tokenizer:
         files.update(checkpoint.tokenizer.files)
+    if getattr(checkpoint, "chat_template", None):
+        files[TEMPLATE_NAME] = checkpoint.chat_template.encode("utf-8")
     for name, data in files.items():
         (folder / name).write_bytes(data)
 

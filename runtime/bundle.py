@@ -111,6 +111,8 @@ class TokenizerInfo:
     ``kind``: ``"hf"`` (a ``tokenizers`` ``tokenizer.json``), ``"char"`` (nanoGPT char-level,
     ``vocab.json`` with ``itos``), ``"llama2c"`` (``tokenizer.llama2c.json`` converted from
     llama2.c's ``tokenizer.bin``) or ``"none"``. ``eos_ids`` may hold several ids (Llama 3).
+    ``chat_template`` names the bundle's Jinja chat template file (None: no template);
+    ``bos_token``/``eos_token`` are the special token strings the template uses.
     """
 
     kind: str = "none"
@@ -120,6 +122,9 @@ class TokenizerInfo:
     pad_id: int | None = None
     add_bos: bool = False
     vocab_size: int | None = None
+    chat_template: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TokenizerInfo:

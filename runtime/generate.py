@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -200,6 +200,20 @@ class Generator:
                 return
             logits = sequence.feed(next_ids)
 
+    # -- chat -----------------------------------------------------------------------------------
+    def chat(self, messages: Sequence[Mapping[str, Any]], **sampling: Any) -> GenerationResult:
+        """The assistant's reply to ``messages`` (``[{"role": ..., "content": ...}, ...]``), rendered
+        with the bundle's chat template; ``sampling``: the keyword arguments of :meth:`generate`."""
+        from gptedge.runtime.chat import chat_ids
+
+        return self.generate(chat_ids(self, messages), **sampling)
+
+    def stream_chat(self, messages: Sequence[Mapping[str, Any]], **sampling: Any) -> TextStream:
+        """Like :meth:`chat`, streamed as :meth:`stream` does."""
+        from gptedge.runtime.chat import chat_ids
+
+        return self.stream(chat_ids(self, messages), **sampling)
+
     # -- scoring and sessions -------------------------------------------------------------------
     def score(self, prompt: Prompt) -> np.ndarray:
         """Log-probability (natural log) of each token given its prefix: float32 ``[n_tokens - 1]``,
@@ -222,11 +236,12 @@ class Generator:
         picked = logits[np.arange(len(tokens) - 1), tokens[1:]]
         return (picked - logsumexp).astype(np.float32)
 
-    def session(self) -> ChatSession:
-        """A :class:`~gptedge.runtime.session.ChatSession` keeping the KV cache between calls."""
+    def session(self, system: str | None = None) -> ChatSession:
+        """A :class:`~gptedge.runtime.session.ChatSession` keeping the KV cache between calls;
+        ``system``: the system message its :meth:`~ChatSession.chat` turns start with."""
         from gptedge.runtime.session import ChatSession
 
-        return ChatSession(self)
+        return ChatSession(self, system)
 
     def close(self) -> None:
         """Release the engine; any later call raises a GenerationError instead of failing inside it."""

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,8 +23,11 @@ class ChatSession:
     Not thread-safe: one session belongs to one caller (a Generator can hold many sessions).
     """
 
-    def __init__(self, generator: Generator) -> None:
+    def __init__(self, generator: Generator, system: str | None = None) -> None:
         self.generator = generator
+        # the chat turns of :meth:`chat` (a system prompt first when given)
+        self.messages: list[dict[str, Any]] = [] if system is None else [{"role": "system", "content": system}]
+        self.reused_tokens = 0  # tokens of the last chat() prompt already in the cache
         self.ids: list[int] = []  # every token of the conversation, in order
         self._pending: list[int] = []  # tokens in ``ids`` not yet run through the model
         self._sequence: KVSequence | None = None
@@ -81,6 +84,25 @@ class ChatSession:
         result.timings["prompt_tokens"] = len(self.ids) - len(row.tokens)
         return result
 
+    def chat(self, message: str | Mapping[str, Any], **sampling: Any) -> GenerationResult:
+        """Add a user message (text, or a ``{"role", "content"}`` dict) and return the assistant's
+        reply; ``sampling`` as :meth:`generate`. Only the tokens the chat template adds after the
+        cached conversation are run; if re-rendering changes earlier tokens (a template that
+        rewrites history, or a reply that re-encodes differently) the prompt is run afresh."""
+        from gptedge.runtime.chat import chat_ids
+
+        turn = {"role": "user", "content": message} if isinstance(message, str) else dict(message)
+        ids = chat_ids(self.generator, [*self.messages, turn])
+        reused = len(self.ids) if ids[:len(self.ids)] == self.ids and len(ids) > len(self.ids) else 0
+        if not reused:
+            self.ids, self._pending, self._sequence = [], [], None
+        self.append(ids[reused:])
+        self.reused_tokens = reused
+        result = self.generate(**sampling)
+        self.messages += [turn, {"role": "assistant", "content": result.text}]
+        return result
+
     def reset(self) -> None:
-        """Forget the conversation (the cache is freed)."""
+        """Forget the conversation (the cache is freed; a system message stays)."""
         self.ids, self._pending, self._sequence = [], [], None
+        self.messages = [m for m in self.messages if m.get("role") == "system"]

@@ -34,6 +34,7 @@ class LoadedCheckpoint:
     the transformers model); None means the decoder itself is the reference (nanoGPT, llama2.c,
     whose semantics the decoder reproduces and the tests prove against independent code).
     ``extra_files`` are copied into the bundle unchanged (HF ``config.json`` and friends).
+    ``chat_template`` is the Jinja chat template source, when the checkpoint has one.
     """
 
     arch: Architecture
@@ -42,6 +43,7 @@ class LoadedCheckpoint:
     tokenizer: TokenizerFiles | None = None
     extra_files: dict[str, bytes] = field(default_factory=dict)
     reference: Callable[[], ReferenceFn] | None = None
+    chat_template: str | None = None
 
 
 def sha256_of(path: Path) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from gptedge.exporter.chat_template import read_hf_chat_template
 from gptedge.exporter.checkpoints import LoadedCheckpoint, torch_load_reason
 from gptedge.exporter.checkpoints.hf_config import (
     LLAMA_FAMILY,
@@ -98,8 +99,11 @@ def load_hf(folder: Path, config: ExportConfig) -> LoadedCheckpoint:
               "weight_files": [p.name for p in weight_files],
               "config_sha256": hashlib.sha256(extra_files["config.json"]).hexdigest(),
               "reference": "transformers" if reference else "gptedge decoder (transformers not installed)"}
+    template_dir = config.tokenizer if config.tokenizer and config.tokenizer.is_dir() else \
+        (config.tokenizer.parent if config.tokenizer else folder)
     return LoadedCheckpoint(arch=arch, state_dict=state_dict, source=source, tokenizer=tokenizer,
-                            extra_files=extra_files, reference=reference)
+                            extra_files=extra_files, reference=reference,
+                            chat_template=read_hf_chat_template(template_dir))
 
 
 def read_weights(folder: Path) -> tuple[list[Path], dict[str, torch.Tensor]]:

@@ -22,6 +22,7 @@ COMMANDS: list[tuple[str, str, str | None]] = [
     ("export", "gptedge.runtime.cli.export_cmd", "export"),
     ("inspect", "gptedge.runtime.cli.inspect_cmd", None),
     ("generate", "gptedge.runtime.cli.generate_cmd", None),
+    ("chat", "gptedge.runtime.cli.chat_cmd", None),
     ("bench", "gptedge.runtime.cli.bench_cmd", None),
     ("eval", "gptedge.runtime.cli.eval_cmd", None),
     ("quantize", "gptedge.runtime.cli.quantize_cmd", None),

@@ -12,6 +12,16 @@ def register(subparsers) -> None:
     p.add_argument("prompt", help="prompt text (or comma-separated token ids with --ids)")
     p.add_argument("--ids", action="store_true", help="the prompt is comma-separated token ids, e.g. 1,450,3681")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    add_sampling_arguments(p)
+    p.add_argument("--truncate-prompt", action="store_true", help="keep the end of a prompt that is too long")
+    p.add_argument("--backend", default="auto", help="auto (default), ort-cpu, ort-cuda or tensorrt")
+    p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+    p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
+    p.set_defaults(func=run)
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """The sampling flags shared by `generate` and `chat` (greedy unless --temperature > 0)."""
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=float, help="nucleus sampling: smallest set with probability >= p")
@@ -19,11 +29,20 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
     p.add_argument("--stop", action="append", help="stop before this text (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
-    p.add_argument("--truncate-prompt", action="store_true", help="keep the end of a prompt that is too long")
-    p.add_argument("--backend", default="auto", help="auto (default), ort-cpu, ort-cuda or tensorrt")
-    p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
-    p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
-    p.set_defaults(func=run)
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """The keyword arguments of Generator.generate that :func:`add_sampling_arguments` parsed."""
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                stop=args.stop, ignore_eos=args.ignore_eos)
+
+
+def summary_line(result, backend_name: str) -> str:
+    """One line of counts and speed for stderr."""
+    timings = result.timings
+    return (f"{len(result.tokens)} tokens ({result.finish_reason}), TTFT {timings['ttft_s'] * 1000:.1f} ms, "
+            f"decode {timings['decode_tokens_per_s']:.1f} tok/s, backend {backend_name}")
 
 
 def _prompt(args: argparse.Namespace):
@@ -41,9 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from gptedge.runtime import load
 
     generator = load(args.bundle, backend=args.backend, threads=args.threads)
-    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                  stop=args.stop, ignore_eos=args.ignore_eos, truncate_prompt=args.truncate_prompt)
+    kwargs = dict(sampling_kwargs(args), truncate_prompt=args.truncate_prompt)
     if generator.tokenizer_info.kind == "none":  # no tokenizer to decode with: the ids are the output
         result = generator.generate(_prompt(args), **kwargs)
         sys.stdout.write(",".join(str(t) for t in result.tokens))
@@ -57,9 +74,6 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         result = stream.result
     sys.stdout.write("\n")
-    timings = result.timings
-    summary = (f"{len(result.tokens)} tokens ({result.finish_reason}), TTFT {timings['ttft_s'] * 1000:.1f} ms, "
-               f"decode {timings['decode_tokens_per_s']:.1f} tok/s, backend {generator.backend_name}")
     sys.stdout.flush()
-    print(summary, file=sys.stderr)
+    print(summary_line(result, generator.backend_name), file=sys.stderr)
     return 0

@@ -39,7 +39,7 @@ LAST_MODEL_NAME = "model_last.onnx"
 def export(source: str | os.PathLike[str], config: ExportConfig, out_dir: str | os.PathLike[str]) -> Bundle:
     """Export the checkpoint at ``source`` to a bundle folder ``out_dir`` and return it.
 
-    ``source`` is an HF folder, a nanoGPT ``ckpt.pt`` (or its folder) or a llama2.c ``.bin``.
+    ``source`` is an HF folder, a nanoGPT ``ckpt.pt`` (or its folder), a llama2.c ``.bin`` or a GGUF file.
     The bundle is built in a temporary sibling folder and renamed at the end, so a failure or an
     interrupt leaves nothing behind. With ``config.validate`` the parity report is in the manifest
     and a mismatch raises :class:`~gptedge.runtime.errors.ParityError` (and writes no bundle).

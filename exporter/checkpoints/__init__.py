@@ -43,7 +43,7 @@ class LoadedCheckpoint:
     tokenizer: TokenizerFiles | None = None
     extra_files: dict[str, bytes] = field(default_factory=dict)
     reference: Callable[[], ReferenceFn] | None = None
-    chat_template: str | None = None
+    chat_template: str | None = None  # Jinja chat template carried by the source (GGUF tokenizer.chat_template)
 
 
 def sha256_of(path: Path) -> str:

@@ -9,11 +9,12 @@ from gptedge.exporter.config import ExportConfig
 from gptedge.runtime.errors import InputError
 
 ZIP_MAGIC = b"PK\x03\x04"
+GGUF_MAGIC = b"GGUF"
 LLAMA2C_V1_MAGIC = b"24ka"  # uint32 0x616b3432 ("ak42") as llama2.c's export.py writes it (little-endian)
 
 
 def detect_format(source: Path) -> str:
-    """``"hf"``, ``"nanogpt"`` or ``"llama2c"`` for a path, judged by its content."""
+    """``"hf"``, ``"nanogpt"``, ``"gguf"`` or ``"llama2c"`` for a path, judged by its content."""
     if not source.exists():
         raise InputError(f"{source}: does not exist; give an HF folder, a nanoGPT ckpt.pt or a llama2.c .bin")
     if source.is_dir():
@@ -24,12 +25,16 @@ def detect_format(source: Path) -> str:
         raise InputError(f"{source}: folder has neither config.json (HuggingFace) nor ckpt.pt (nanoGPT)")
     with open(source, "rb") as handle:
         head = handle.read(4)
+    if head == GGUF_MAGIC:
+        return "gguf"
+    if source.suffix == ".gguf":
+        raise InputError(f"{source}: named .gguf but does not start with the GGUF magic bytes; the file is corrupt")
     if head == ZIP_MAGIC or source.suffix in (".pt", ".pth"):
         return "nanogpt"
     if source.suffix == ".bin" or head == LLAMA2C_V1_MAGIC:
         return "llama2c"
     raise InputError(f"{source}: unknown checkpoint format; expected a torch zip (nanoGPT ckpt.pt), "
-                     "a llama2.c .bin, or an HF folder with config.json")
+                     "a llama2.c .bin, a GGUF file, or an HF folder with config.json")
 
 
 def load_checkpoint(source: Path, config: ExportConfig) -> LoadedCheckpoint:
@@ -42,5 +47,8 @@ def load_checkpoint(source: Path, config: ExportConfig) -> LoadedCheckpoint:
         from gptedge.exporter.checkpoints.nanogpt import load_nanogpt
         path = Path(source) / "ckpt.pt" if Path(source).is_dir() else Path(source)
         return load_nanogpt(path, config)
+    if kind == "gguf":
+        from gptedge.exporter.checkpoints.gguf import load_gguf
+        return load_gguf(Path(source), config)
     from gptedge.exporter.checkpoints.llama2c import load_llama2c
     return load_llama2c(Path(source), config)

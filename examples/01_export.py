@@ -34,7 +34,7 @@ def main() -> None:
     parity = bundle.manifest.parity
     print(f"exported {bundle.path}: {bundle.manifest.architecture.num_layers} layers, "
           f"vocab {bundle.manifest.architecture.vocab_size}, parity max-abs {parity['max_abs']:.1e} "
-          f"(tolerance {parity['tolerance']:g})")
+          f"vs float64 source, top-1 agreement {parity['top1_agreement']:.0%}")
 
 
 if __name__ == "__main__":

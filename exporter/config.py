@@ -20,6 +20,10 @@ class ExportConfig:
     - ``tokenizer``: a tokenizer file/folder overriding the one found next to the checkpoint.
     - ``allow_missing_tokenizer``: export a bundle that generates from token ids only.
     - ``validate``: run the parity check against the source model after exporting.
+    - ``parity_noise_ratio``, ``parity_noise_floor``: the parity criterion (the project's export
+      tolerances): an output fails when the graph's max-abs distance to the source model run in
+      float64 exceeds ``parity_noise_ratio`` x float32 torch's own distance + ``parity_noise_floor``
+      (the floor keeps tiny models, where float32 may be exact, from dividing by zero).
     - ``last_logits_variant``: also write ``model_last.onnx`` (LM head on the last position only).
     - ``ort_variant``: also write ``model_ort.onnx``, the onnxruntime-only generation graph with fused
       attention (see :mod:`gptedge.runtime.ort_variant`); skipped where the architecture cannot use it.
@@ -39,7 +43,8 @@ class ExportConfig:
     last_logits_variant: bool = True
     ort_variant: bool = True
     overwrite: bool = False
-    tolerance: float = 1e-4
+    parity_noise_ratio: float = 4.0
+    parity_noise_floor: float = 1e-5
     prune_method: str | None = None
     sparsity: float = 0.5
     finetune_steps: int = 0

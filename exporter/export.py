@@ -78,7 +78,8 @@ def export_loaded(checkpoint: LoadedCheckpoint, config: ExportConfig,
         gc.collect()
         if reference is not None:
             from gptedge.exporter.validate import check_parity
-            manifest.parity = check_parity(tmp, reference, arch, config.tolerance)
+            manifest.parity = check_parity(tmp, reference, arch, config.parity_noise_ratio,
+                                           config.parity_noise_floor)
             del reference
             gc.collect()
         if config.ort_variant:  # in a fresh interpreter: torch.export keeps ~2x the weights alive here

@@ -3,10 +3,19 @@
 A batch of two prompts of different lengths (left padding) is prefilled, then four decode steps
 feed ``present.*`` back as ``past_key_values.*``. ``logits`` and every ``present.*`` are compared at
 every step, on the positions that are not padding.
+
+The criterion separates float noise from bugs: the source model runs twice on the same inputs, in
+float64 (the reference) and in float32. float32 torch's own distance to the float64 reference is
+the noise a correct float32 graph may show; the ONNX graph fails an output when its distance to the
+reference exceeds ``noise_ratio`` times that noise plus ``noise_floor`` (see
+:class:`~gptedge.exporter.config.ExportConfig`). A fixed max-abs cannot do this: a 30-layer model
+with logits near ±30 shows ~1e-3 of pure float32 noise, while a tiny model shows ~1e-6.
 """
 
 from __future__ import annotations
 
+import copy
+import gc
 import logging
 from pathlib import Path
 from typing import Any
@@ -37,66 +46,120 @@ def parity_inputs(arch: Architecture, seed: int = 0) -> tuple[np.ndarray, np.nda
     return ids, mask, positions
 
 
-def check_parity(bundle_dir: Path, reference: Any, arch: Architecture, tolerance: float = 1e-4) -> dict[str, Any]:
-    """Compare ``bundle_dir/model.onnx`` with ``reference`` (same call convention as the Decoder).
+def check_parity(bundle_dir: Path, reference: torch.nn.Module, arch: Architecture,
+                 noise_ratio: float = 4.0, noise_floor: float = 1e-5) -> dict[str, Any]:
+    """Compare ``bundle_dir/model.onnx`` with ``reference`` (a torch module called like the Decoder).
 
-    Returns the report stored in the manifest; raises :class:`ParityError` naming every output
-    whose max-abs difference exceeds ``tolerance``.
+    ``reference`` runs in float32 as given and in float64 (a deep copy, freed afterwards). Returns
+    the report stored in the manifest; raises :class:`ParityError` naming every output whose
+    max-abs distance to the float64 reference exceeds ``noise_ratio`` x float32 torch's own
+    distance + ``noise_floor``.
     """
-    session = ort.InferenceSession(str(Path(bundle_dir) / MODEL_NAME), providers=["CPUExecutionProvider"])
+    reference64 = copy.deepcopy(reference).double()
+    try:
+        stats = _run_steps(Path(bundle_dir) / MODEL_NAME, reference, reference64, arch)
+    finally:
+        del reference64
+        gc.collect()
+    return _report(stats, noise_ratio, noise_floor)
+
+
+def _run_steps(model_path: Path, reference32, reference64, arch: Architecture) -> dict[str, dict[str, float]]:
+    """Prefill + decode on onnxruntime and both torch copies; every torch step is fed the ONNX cache."""
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
     ids, mask, positions = parity_inputs(arch)
     rng = np.random.default_rng(1)
     kv_shape = (ids.shape[0], arch.num_kv_heads, 0, arch.head_dim)
-    past_onnx = {n: np.zeros(kv_shape, np.float32) for n in contract.past_names(arch.num_layers)}
-    past_torch = [(torch.zeros(kv_shape), torch.zeros(kv_shape)) for _ in range(arch.num_layers)]
-    stats: dict[str, list[float]] = {}
+    past = {n: np.zeros(kv_shape, np.float32) for n in contract.past_names(arch.num_layers)}
+    stats: dict[str, dict[str, float]] = {}
     for _step in range(DECODE_STEPS + 1):
         feeds = {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: mask, contract.POSITION_IDS: positions}
-        outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {**feeds, **past_onnx})))
-        with torch.no_grad():
-            logits, presents = reference(torch.from_numpy(ids), torch.from_numpy(mask),
-                                         torch.from_numpy(positions), past_torch)
-        query_valid = mask[:, -ids.shape[1]:].astype(bool)  # B, S
-        _compare(stats, contract.LOGITS, outputs[contract.LOGITS], logits.float().numpy(), query_valid[..., None])
+        outputs = dict(zip(names, session.run(None, {**feeds, **past})))
+        want32 = _torch_outputs(reference32, feeds, past, arch, torch.float32)
+        want64 = _torch_outputs(reference64, feeds, past, arch, torch.float64)
+        query_valid = mask[:, -ids.shape[1]:].astype(bool)[..., None]  # B, S, 1
         key_valid = mask.astype(bool)[:, None, :, None]  # B, 1, T, 1
-        for i, (key, value) in enumerate(presents):
-            for kind, tensor in (("key", key), ("value", value)):
-                name = contract.present_name(i, kind)
-                _compare(stats, name, outputs[name], tensor.float().numpy(), key_valid)
-        past_onnx = {contract.past_name(i, k): outputs[contract.present_name(i, k)]
-                     for i in range(arch.num_layers) for k in ("key", "value")}
-        past_torch = [(torch.from_numpy(past_onnx[contract.past_name(i, "key")]),
-                       torch.from_numpy(past_onnx[contract.past_name(i, "value")])) for i in range(arch.num_layers)]
+        for name, want in want64.items():
+            valid = query_valid if name == contract.LOGITS else key_valid
+            _compare(stats, name, outputs[name], want32[name], want, valid)
+        _count_top1(stats[contract.LOGITS], outputs[contract.LOGITS], want64[contract.LOGITS], query_valid[..., 0])
+        past = {contract.past_name(i, k): outputs[contract.present_name(i, k)]
+                for i in range(arch.num_layers) for k in ("key", "value")}
         ids = rng.integers(0, arch.vocab_size, size=(ids.shape[0], 1), dtype=np.int64)
         mask = np.concatenate([mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
         positions = positions[:, -1:] + 1
-    return _report(stats, tolerance)
+    return stats
 
 
-def _compare(stats: dict[str, list[float]], name: str, got: np.ndarray, want: np.ndarray, valid: np.ndarray) -> None:
-    if got.shape != want.shape:
-        raise ParityError(f"parity: output {name} has shape {got.shape}, the source model {want.shape}")
-    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
-    diff = np.where(np.broadcast_to(valid, diff.shape), diff, 0.0)
-    count = max(int(np.broadcast_to(valid, diff.shape).sum()), 1)
-    entry = stats.setdefault(name, [0.0, 0.0, 0.0])
-    max_abs = float(np.nan_to_num(diff, nan=np.inf).max())
-    entry[0] = max(entry[0], max_abs)
-    entry[1] += float(diff.sum()) / count
-    entry[2] += 1
+def _torch_outputs(reference, feeds: dict[str, np.ndarray], past: dict[str, np.ndarray],
+                   arch: Architecture, dtype: torch.dtype) -> dict[str, np.ndarray]:
+    """``reference``'s logits and presents, as float64 numpy, keyed by the ONNX output names."""
+    cache = [tuple(torch.from_numpy(past[contract.past_name(i, k)]).to(dtype) for k in ("key", "value"))
+             for i in range(arch.num_layers)]
+    with torch.no_grad():
+        logits, presents = reference(*(torch.from_numpy(feeds[n]) for n in
+                                       (contract.INPUT_IDS, contract.ATTENTION_MASK, contract.POSITION_IDS)), cache)
+    result = {contract.LOGITS: logits.double().numpy()}
+    for i, pair in enumerate(presents):
+        for kind, tensor in zip(("key", "value"), pair):
+            result[contract.present_name(i, kind)] = tensor.double().numpy()
+    return result
 
 
-def _report(stats: dict[str, list[float]], tolerance: float) -> dict[str, Any]:
-    outputs = {name: {"max_abs": v[0], "mean_abs": v[1] / v[2]} for name, v in stats.items()}
-    worst = max(outputs, key=lambda n: outputs[n]["max_abs"])
-    failed = sorted(n for n, v in outputs.items() if not v["max_abs"] <= tolerance)
-    report = {"tolerance": tolerance, "prompt_lengths": list(PROMPT_LENGTHS), "decode_steps": DECODE_STEPS,
-              "max_abs": outputs[worst]["max_abs"], "worst_output": worst,
+def _compare(stats: dict[str, dict[str, float]], name: str, got: np.ndarray, want32: np.ndarray,
+             want64: np.ndarray, valid: np.ndarray) -> None:
+    """Fold one step's distances (ONNX and float32 torch, each to float64) into ``stats[name]``."""
+    if got.shape != want64.shape:
+        raise ParityError(f"parity: output {name} has shape {got.shape}, the source model {want64.shape}")
+    valid = np.broadcast_to(valid, got.shape)
+    diff = np.where(valid, np.abs(got.astype(np.float64) - want64), 0.0)
+    noise = np.where(valid, np.abs(want32 - want64), 0.0)
+    entry = stats.setdefault(name, {"max_abs": 0.0, "fp32_max_abs": 0.0, "sum_abs": 0.0, "count": 0})
+    entry["max_abs"] = max(entry["max_abs"], float(np.nan_to_num(diff, nan=np.inf).max()))
+    entry["fp32_max_abs"] = max(entry["fp32_max_abs"], float(np.nan_to_num(noise, nan=np.inf).max()))
+    entry["sum_abs"] += float(diff.sum())
+    entry["count"] += int(valid.sum())
+
+
+def _count_top1(entry: dict[str, float], got: np.ndarray, want: np.ndarray, valid: np.ndarray) -> None:
+    """Count the valid positions [B, S] where ONNX and the float64 reference pick the same token."""
+    same = got.argmax(-1) == want.argmax(-1)
+    entry["top1_same"] = entry.get("top1_same", 0) + int((same & valid).sum())
+    entry["top1_positions"] = entry.get("top1_positions", 0) + int(valid.sum())
+
+
+def _judge(entry: dict[str, float], noise_ratio: float, noise_floor: float) -> dict[str, Any]:
+    """One output's figures for the manifest: distances, their ratio, the allowance and the verdict."""
+    allowed = noise_ratio * entry["fp32_max_abs"] + noise_floor
+    figures = {"max_abs": entry["max_abs"], "mean_abs": entry["sum_abs"] / max(entry["count"], 1),
+               "fp32_max_abs": entry["fp32_max_abs"],
+               "ratio": entry["max_abs"] / entry["fp32_max_abs"] if entry["fp32_max_abs"] > 0 else None,
+               "allowed": allowed, "passed": bool(np.isfinite(allowed) and entry["max_abs"] <= allowed)}
+    if "top1_positions" in entry:
+        figures["top1_agreement"] = entry["top1_same"] / max(entry["top1_positions"], 1)
+        figures["top1_positions"] = entry["top1_positions"]
+    return figures
+
+
+def _report(stats: dict[str, dict[str, float]], noise_ratio: float, noise_floor: float) -> dict[str, Any]:
+    outputs = {name: _judge(entry, noise_ratio, noise_floor) for name, entry in stats.items()}
+    worst = max(outputs, key=lambda n: outputs[n]["max_abs"] / outputs[n]["allowed"])
+    failed = sorted(n for n, v in outputs.items() if not v["passed"])
+    logits = outputs[contract.LOGITS]
+    report = {"criterion": "max-abs to float64 source <= noise_ratio * float32 source's max-abs + noise_floor",
+              "noise_ratio": noise_ratio, "noise_floor": noise_floor,
+              "prompt_lengths": list(PROMPT_LENGTHS), "decode_steps": DECODE_STEPS,
+              "max_abs": max(v["max_abs"] for v in outputs.values()), "worst_output": worst,
               "mean_abs": float(np.mean([v["mean_abs"] for v in outputs.values()])),
-              "passed": not failed, "outputs": outputs}
+              "top1_agreement": logits["top1_agreement"], "passed": not failed, "outputs": outputs}
     if failed:
-        listing = ", ".join(f"{n} (max-abs {outputs[n]['max_abs']:.3g})" for n in failed)
-        raise ParityError(f"parity failed: {len(failed)} outputs exceed max-abs {tolerance:g}: {listing}. "
-                          "The export does not reproduce the source model; report this with the checkpoint config")
-    log.info("parity passed: max-abs %.3g (%s), tolerance %g", report["max_abs"], worst, tolerance)
+        listing = ", ".join(f"{n} (max-abs {outputs[n]['max_abs']:.3g} vs float64, allowed "
+                            f"{outputs[n]['allowed']:.3g} = {noise_ratio:g} x float32 noise "
+                            f"{outputs[n]['fp32_max_abs']:.3g} + {noise_floor:g})" for n in failed)
+        raise ParityError(f"parity failed: {len(failed)} of {len(outputs)} outputs exceed float32 noise: "
+                          f"{listing}; top-1 agreement {logits['top1_agreement']:.2%}. The export does not "
+                          "reproduce the source model; report this with the checkpoint config")
+    log.info("parity passed: worst %s max-abs %.3g (allowed %.3g), top-1 agreement %.2f%%", worst,
+             outputs[worst]["max_abs"], outputs[worst]["allowed"], 100 * logits["top1_agreement"])
     return report

@@ -33,7 +33,8 @@ def describe(bundle_dir: str | Path) -> dict[str, Any]:
     return {"path": str(bundle.path), "format_version": manifest.format_version,
             "architecture": manifest.architecture.to_dict(), "tokenizer": manifest.tokenizer.to_dict(),
             "precision": manifest.precision, "source": manifest.source,
-            "parity": {k: parity.get(k) for k in ("passed", "max_abs", "worst_output", "tolerance")},
+            "parity": {k: parity.get(k) for k in ("passed", "max_abs", "worst_output", "top1_agreement",
+                                                    "noise_ratio", "noise_floor")},
             "history": manifest.history, "io": manifest.io, "parameters": params,
             "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None),
             "ops": dict(ops.most_common()), "nodes": len(model.graph.node), "files": files}

@@ -109,8 +109,9 @@ class Generator:
             return ids[-room:]
         if room < 1:  # truncating cannot help: the new tokens alone fill the context
             raise GenerationError(
-                f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's context of "
-                f"{self.max_context} tokens; lower max_new_tokens below {self.max_context}")
+                f"prompt of {len(ids)} tokens + max_new_tokens={max_new_tokens} exceeds the model's context of "
+                f"{self.max_context} tokens, and max_new_tokens alone leaves no room for a prompt; lower "
+                f"max_new_tokens below {self.max_context}")
         raise GenerationError(
             f"prompt of {len(ids)} tokens + max_new_tokens={max_new_tokens} exceeds the model's context of "
             f"{self.max_context} tokens; lower max_new_tokens or pass truncate_prompt=True "

@@ -3,13 +3,12 @@ written as ``chat_template.jinja`` with the special token strings the template n
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from gptedge.exporter.checkpoints.hf_config import read_json_object
 from gptedge.runtime.bundle import TokenizerInfo
-from gptedge.runtime.errors import InputError
 
 TEMPLATE_NAME = "chat_template.jinja"
 # Tokens that end an assistant turn in common templates; generation must stop there too.
@@ -25,10 +24,7 @@ def read_hf_chat_template(folder: Path) -> str | None:
     config_path = folder / "tokenizer_config.json"
     if not config_path.is_file():
         return None
-    try:
-        template = json.loads(config_path.read_text(encoding="utf-8")).get("chat_template")
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise InputError(f"{config_path}: not a JSON object ({exc}); fix or remove the file") from exc
+    template = read_json_object(config_path, "; fix or remove the file").get("chat_template")
     if isinstance(template, list):
         named = {item.get("name"): item.get("template") for item in template if isinstance(item, dict)}
         template = named.get("default")

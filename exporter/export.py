@@ -171,7 +171,7 @@ def _manifest(checkpoint: LoadedCheckpoint, arch, config: ExportConfig) -> Manif
                         tools=tool_versions(), history=[{"step": "export", "opset": config.opset}])
     if tokenizer_info is not None:
         manifest.tokenizer = tokenizer_info
-    template = getattr(checkpoint, "chat_template", None)
+    template = checkpoint.chat_template
     if template:
         side = checkpoint.tokenizer.files if checkpoint.tokenizer else {}
         tok_cfg = json.loads(side["tokenizer_config.json"]) if "tokenizer_config.json" in side else {}
@@ -186,7 +186,7 @@ def _write_side_files(checkpoint: LoadedCheckpoint, folder: Path) -> None:
     files = dict(checkpoint.extra_files)
     if checkpoint.tokenizer:
         files.update(checkpoint.tokenizer.files)
-    if getattr(checkpoint, "chat_template", None):
+    if checkpoint.chat_template:
         files[TEMPLATE_NAME] = checkpoint.chat_template.encode("utf-8")
     for name, data in files.items():
         (folder / name).write_bytes(data)

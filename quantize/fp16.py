@@ -2,9 +2,13 @@
 
 Uses onnxruntime's ``convert_float_to_float16`` with an op block list (norm statistics, softmax,
 exponentials) plus a node block list for the RoPE angle path (position * inv_freq -> cos/sin: in
-FP16 the angle of position 2000 would be off by a whole unit). The converter turns every float
-graph input/output into FP16; ``logits`` is then cast back to FP32 so the contract's logits
-dtype never changes.
+FP16 the angle of position 2000 would be off by a whole unit) and for whole RMSNorm statistics
+chains (x^2 -> mean -> + eps -> sqrt -> x / rms): real models carry "massive activations" (SmolLM2's
+residual stream reaches 25,000, whose square overflows FP16), so the chain must stay FP32 from the
+square to the division. The converter casts every blocked node's output to FP16 and back even
+between two blocked nodes; those lossy round trips are folded away afterwards. The converter turns
+every float graph input/output into FP16; ``logits`` is then cast back to FP32 so the contract's
+logits dtype never changes.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from onnx import numpy_helper
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
 from gptedge.quantize.config import Fp16Config
-from gptedge.quantize.graph_utils import producers, topological_sort
+from gptedge.quantize.graph_utils import consumers, producers, topological_sort
 from gptedge.quantize.job import Job
 from gptedge.quantize.registry import handler
 from gptedge.runtime import contract
@@ -40,9 +44,11 @@ def convert_graph(model: onnx.ModelProto, config: Fp16Config) -> onnx.ModelProto
     """An FP16 copy of ``model`` following the rules in the module docstring."""
     check_fp16_range(model)
     block_ops = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(config.keep_fp32))
+    keep_nodes = rope_angle_nodes(model) + norm_statistics_nodes(model)
     converted = convert_float_to_float16(model, keep_io_types=False, op_block_list=block_ops,
-                                         node_block_list=rope_angle_nodes(model),
+                                         node_block_list=keep_nodes,
                                          disable_shape_infer=model.ByteSize() > 1_800_000_000)
+    fold_cast_round_trips(converted, set(block_ops), set(keep_nodes))
     _logits_back_to_fp32(converted)
     topological_sort(converted)
     check_no_nonfinite(converted)
@@ -61,6 +67,77 @@ def rope_angle_nodes(model: onnx.ModelProto) -> list[str]:
         seen.add(node.name)
         todo.extend(node.input)
     return sorted(seen | {n.name for n in model.graph.node if n.op_type in ("Cos", "Sin")})
+
+
+# The ops between a norm's square and its division by the root mean square.
+_NORM_CHAIN_OPS = frozenset({"ReduceMean", "Add", "Sqrt", "Reciprocal", "Div", "Mul"})
+
+
+def norm_statistics_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes of every RMSNorm statistics chain: ``Pow(x, 2)`` and its consumers up to
+    and including the node that divides (or multiplies) ``x`` by the root mean square."""
+    users = consumers(model)
+    chain: set[str] = set()
+    for power in (node for node in model.graph.node if node.op_type == "Pow"):
+        normalized = power.input[0]
+        chain.add(power.name)
+        todo = list(power.output)
+        for _ in range(8):  # a norm chain is 4-6 nodes; bound the walk on unexpected graphs
+            if not todo:
+                break
+            after = []
+            for node in (n for name in todo for n in users.get(name, []) if n.op_type in _NORM_CHAIN_OPS):
+                chain.add(node.name)
+                if normalized not in node.input:  # the division by the rms ends the chain
+                    after.extend(node.output)
+            todo = after
+    return sorted(chain)
+
+
+def fold_cast_round_trips(model: onnx.ModelProto, kept_ops: set[str], kept_nodes: set[str]) -> None:
+    """Let consumers of ``Cast(Cast(x, fp16), fp32)`` read the FP32 ``x`` directly.
+
+    The converter emits such pairs between two nodes it keeps in FP32 (``kept_ops`` op types,
+    ``kept_nodes`` node names); the round trip would round (or overflow) the very value that was
+    kept in FP32 on purpose."""
+    made_by = producers(model)
+    rename: dict[str, str] = {}
+    for node in model.graph.node:
+        first = made_by.get(node.input[0]) if node.op_type == "Cast" and node.input else None
+        if (first is not None and first.op_type == "Cast" and _cast_to(node) == onnx.TensorProto.FLOAT
+                and _cast_to(first) == onnx.TensorProto.FLOAT16 and _computes_fp32(made_by.get(first.input[0]), kept_ops, kept_nodes)):
+            rename[node.output[0]] = first.input[0]
+    if not rename:
+        return
+    graph_outputs = {value.name for value in model.graph.output}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    dead = {name for name in rename if name not in graph_outputs}
+    kept = [node for node in model.graph.node if not (node.op_type == "Cast" and node.output[0] in dead)]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    _drop_unused_casts(model)
+
+
+def _cast_to(node: onnx.NodeProto) -> int | None:
+    return next((attr.i for attr in node.attribute if attr.name == "to"), None)
+
+
+def _computes_fp32(node: onnx.NodeProto | None, kept_ops: set[str], kept_nodes: set[str]) -> bool:
+    return node is not None and (node.op_type in kept_ops or node.name in kept_nodes)
+
+
+def _drop_unused_casts(model: onnx.ModelProto) -> None:
+    """Remove Cast nodes whose output nobody reads (left behind by the folding above)."""
+    while True:
+        read = {name for node in model.graph.node for name in node.input} | {v.name for v in model.graph.output}
+        kept = [node for node in model.graph.node if node.op_type != "Cast" or node.output[0] in read]
+        if len(kept) == len(model.graph.node):
+            return
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
 
 
 def _logits_back_to_fp32(model: onnx.ModelProto) -> None:

@@ -67,3 +67,34 @@ def test_fp16_logits_and_greedy_match_fp32(name, fp16_pair):
     src_tokens, _ = greedy_tokens(source, ids[:4], 8)
     out_tokens, _ = greedy_tokens(fp16, ids[:4], 8)
     assert np.mean(np.equal(src_tokens, out_tokens)) >= 0.75
+
+
+def test_fp16_survives_massive_activations(tmp_path):
+    """Real models carry residual values in the thousands (SmolLM2 reaches 25,000): x^2 in the
+    RMSNorm then overflows FP16. The norm statistics must stay FP32 from the square to the
+    division, with no FP16 tensor (and no FP16 round trip) in between."""
+    from gptedge.exporter import ExportConfig, export_loaded
+    from gptedge.exporter.checkpoints.synthetic import random_checkpoint
+    from gptedge.quantize.fp16 import norm_statistics_nodes
+
+    checkpoint = random_checkpoint(TINY_LLAMA, seed=3)
+    checkpoint.state_dict["embed.weight"] = checkpoint.state_dict["embed.weight"] * 30000.0  # mean x^2 > 65504
+    source = export_loaded(checkpoint, ExportConfig(), tmp_path / "fp32")
+    fp16 = quantize(source.path, Fp16Config(), tmp_path / "fp16")
+    ids = np.arange(10, dtype=np.int64) * 5 % TINY_LLAMA.vocab_size
+    want, got = _prefill_logits(source, ids), _prefill_logits(fp16, ids)
+    assert np.all(np.isfinite(got))
+    assert np.abs(got - want).max() <= 2e-2 * float(np.abs(want).max())
+
+    fp32_graph = onnx.load(str(source.model_path), load_external_data=False)
+    chain = set(norm_statistics_nodes(fp32_graph))
+    chain_ops = Counter(node.op_type for node in fp32_graph.graph.node if node.name in chain)
+    norms = 2 * TINY_LLAMA.num_layers + 1
+    assert chain_ops["Pow"] == chain_ops["ReduceMean"] == chain_ops["Add"] == chain_ops["Sqrt"] == norms
+
+    fp16_graph = onnx.load(str(fp16.model_path), load_external_data=False)
+    to_fp16 = {node.output[0] for node in fp16_graph.graph.node if node.op_type == "Cast"
+               and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in node.attribute)}
+    statistics = [node for node in fp16_graph.graph.node if node.name in chain and node.op_type != "Pow"]
+    assert len(statistics) >= 4 * norms
+    assert [node.name for node in statistics if to_fp16 & set(node.input[:1])] == []

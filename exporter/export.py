@@ -18,6 +18,7 @@ from gptedge.exporter.checkpoints.detect import load_checkpoint
 from gptedge.exporter.config import ExportConfig
 from gptedge.exporter.model import Decoder, rope_inv_freq
 from gptedge.exporter.onnx_export import trace_to_onnx
+from gptedge.exporter.stages import stage
 from gptedge.runtime import contract, ort_variant
 from gptedge.runtime.bundle import (
     MODEL_NAME,
@@ -46,7 +47,12 @@ def export(source: str | os.PathLike[str], config: ExportConfig, out_dir: str | 
     """
     check_output_dir(out_dir, config.overwrite)  # refuse before minutes of loading and tracing
     # no local reference: export_loaded frees the torch weights before its onnxruntime checks
-    return export_loaded(load_checkpoint(Path(source), config), config, out_dir)
+    return export_loaded(_load(Path(source), config), config, out_dir)
+
+
+def _load(source: Path, config: ExportConfig) -> LoadedCheckpoint:
+    with stage("load checkpoint"):
+        return load_checkpoint(source, config)
 
 
 def export_loaded(checkpoint: LoadedCheckpoint, config: ExportConfig,
@@ -78,12 +84,14 @@ def export_loaded(checkpoint: LoadedCheckpoint, config: ExportConfig,
         gc.collect()
         if reference is not None:
             from gptedge.exporter.validate import check_parity
-            manifest.parity = check_parity(tmp, reference, arch, config.parity_noise_ratio,
-                                           config.parity_noise_floor)
+            with stage("parity"):
+                manifest.parity = check_parity(tmp, reference, arch, config.parity_noise_ratio,
+                                               config.parity_noise_floor)
             del reference
             gc.collect()
         if config.ort_variant:  # in a fresh interpreter: torch.export keeps ~2x the weights alive here
-            ort_variant.attach_isolated(tmp, manifest.files, arch, manifest.precision)
+            with stage("onnxruntime variant"):
+                ort_variant.attach_isolated(tmp, manifest.files, arch, manifest.precision)
         write_manifest(tmp, manifest)
     return load_bundle(out_dir)
 
@@ -142,10 +150,12 @@ def _write_graphs(decoder: Decoder, config: ExportConfig, folder: Path) -> None:
         for name, last_only in variants:
             decoder.last_logits_only = last_only
             try:
-                model = trace_to_onnx(decoder, config.opset, writer)
+                with stage(f"trace {name}"):
+                    model = trace_to_onnx(decoder, config.opset, writer)
             finally:
                 decoder.last_logits_only = False
-            writer.save(model, name)
+            with stage(f"save {name}"):
+                writer.save(model, name)
             del model
             gc.collect()
 

@@ -24,6 +24,10 @@ from gptedge.runtime import contract
 from gptedge.runtime.bundle import Bundle
 
 _SAMPLE_CAP = 200_000  # |x| values kept per tensor for percentile/entropy
+# Default prefill length of a calibration window. Production calibrators use 128-512 tokens; half
+# of an 8k context (SmolLM2) made one batch of 4 windows hold 16k rows of every linear input plus
+# 3 GB of logits, and the calibration of a 135 M model ran out of 24 GB.
+DEFAULT_WINDOW_TOKENS = 256
 
 
 @dataclass
@@ -100,12 +104,12 @@ def collect_stats(bundle: Bundle, model: onnx.ModelProto, ids: np.ndarray, windo
     """weight name -> statistics of that linear layer's input over prefill + decode runs.
 
     ``ids``: calibration token ids (1-D). Windows of ``seq_len + decode_steps`` tokens are taken
-    at evenly spaced offsets; ``seq_len`` defaults to half the context.
+    at evenly spaced offsets; ``seq_len`` defaults to half the context, at most
+    ``DEFAULT_WINDOW_TOKENS``.
     """
     arch = bundle.manifest.architecture
     layers = linear_layers(model)
-    decode_steps = max(0, min(decode_steps, arch.max_context - 2))
-    seq_len = min(seq_len or max(2, arch.max_context // 2), arch.max_context - decode_steps)
+    seq_len, decode_steps = _window(arch.max_context, seq_len, decode_steps)
     span = seq_len + decode_steps
     assert len(ids) >= span, "callers check the calibration length first"
     sess = session(float_outputs_of(model, [lin.activation for lin in layers]))
@@ -136,6 +140,11 @@ def collect_stats(bundle: Bundle, model: onnx.ModelProto, ids: np.ndarray, windo
 
 def calibration_span(bundle: Bundle, seq_len: int | None, decode_steps: int) -> int:
     """Tokens one calibration window needs (the minimum length of a calibration text)."""
-    context = bundle.manifest.architecture.max_context
+    return sum(_window(bundle.manifest.architecture.max_context, seq_len, decode_steps))
+
+
+def _window(context: int, seq_len: int | None, decode_steps: int) -> tuple[int, int]:
+    """(prefill tokens, decode steps) of one calibration window in a ``context``-token model."""
     steps = max(0, min(decode_steps, context - 2))
-    return min(seq_len or max(2, context // 2), context - steps) + steps
+    prefill = seq_len or max(2, min(context // 2, DEFAULT_WINDOW_TOKENS))
+    return min(prefill, context - steps), steps

@@ -83,7 +83,7 @@ class Int8Config:
     attention-score MatMuls and the mask path stay in float.
 
     - ``calib_method``: ``minmax``, ``percentile`` (``percentile`` of |x|) or ``entropy`` (KL).
-    - ``calib_windows`` sequences of ``calib_seq_len`` tokens (None: half the context) are run as a
+    - ``calib_windows`` sequences of ``calib_seq_len`` tokens (None: half the context, at most 256) are run as a
       prefill and then ``calib_decode_steps`` real decode steps each, so decode ranges are seen.
     - ``smoothquant_alpha``: migrate activation outliers into the preceding norm (None: off).
     """

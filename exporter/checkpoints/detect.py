@@ -16,7 +16,7 @@ LLAMA2C_V1_MAGIC = b"24ka"  # uint32 0x616b3432 ("ak42") as llama2.c's export.py
 def detect_format(source: Path) -> str:
     """``"hf"``, ``"nanogpt"``, ``"gguf"`` or ``"llama2c"`` for a path, judged by its content."""
     if not source.exists():
-        raise InputError(f"{source}: does not exist; give an HF folder, a nanoGPT ckpt.pt or a llama2.c .bin")
+        raise InputError(f"{source}: does not exist; give an HF folder, a nanoGPT ckpt.pt, a llama2.c .bin or a .gguf file")
     if source.is_dir():
         if (source / "config.json").is_file():
             return "hf"

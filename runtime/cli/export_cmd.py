@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("export", help="export an HF folder, nanoGPT ckpt.pt or llama2.c .bin to a bundle")
-    p.add_argument("source", type=Path, help="HF folder, nanoGPT ckpt.pt (or its folder), or llama2.c .bin")
+    p = subparsers.add_parser("export", help="export an HF folder, nanoGPT ckpt.pt, llama2.c .bin or GGUF file to a bundle")
+    p.add_argument("source", type=Path, help="HF folder, nanoGPT ckpt.pt (or its folder), llama2.c .bin or .gguf file")
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle folder to write")
     p.add_argument("--tokenizer", type=Path, help="tokenizer file/folder (meta.pkl, tokenizer.json, tokenizer.bin, ...)")
     p.add_argument("--no-tokenizer", action="store_true", help="export even when no tokenizer is found (the bundle then generates from token ids only)")
@@ -32,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from gptedge.exporter import ExportConfig, export
+    from gptedge.exporter.stages import stage_listener
     from gptedge.runtime.cli.report import parity_table
 
     config = ExportConfig(max_context=args.max_context, opset=args.opset, tokenizer=args.tokenizer,
@@ -40,9 +43,10 @@ def run(args: argparse.Namespace) -> int:
                           prune_method=args.prune, sparsity=args.sparsity,
                           finetune_steps=args.finetune_steps, finetune_text=args.finetune_text,
                           finetune_lr=args.finetune_lr, prune_heads=args.prune_heads)
-    console = Console()
-    with console.status(f"exporting {args.source} ..."):
+    console = Console(stderr=True)
+    with stage_progress(console) as listener, stage_listener(listener):
         bundle = export(args.source, config, args.output)
+    console = Console()
     if bundle.manifest.parity:
         console.print(parity_table(bundle.manifest.parity))
     pruned = next((h for h in bundle.manifest.history if h.get("step") == "prune"), None)
@@ -51,3 +55,28 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"held-out perplexity ({pruned['heldout_tokens']} tokens): {scores}")
     console.print(f"[green]wrote[/green] {bundle.path}")
     return 0
+
+
+class _RichStages:
+    """Draws each export stage as a progress row: spinner while it runs, then its elapsed time."""
+
+    def __init__(self, progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, object] = {}
+
+    def started(self, name: str) -> None:
+        self.tasks[name] = self.progress.add_task(name, total=1)
+
+    def finished(self, name: str, seconds: float) -> None:
+        self.progress.update(self.tasks[name], completed=1, description=f"{name} [dim]{seconds:.1f} s[/dim]")
+
+
+@contextmanager
+def stage_progress(console) -> Iterator[_RichStages]:
+    """A live rich progress list for the export stages (see ``gptedge.exporter.stages``)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(finished_text="[green]✓[/green]"), TextColumn("{task.description}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as progress:
+        yield _RichStages(progress)

@@ -17,7 +17,7 @@ from gptedge.exporter.checkpoints import LoadedCheckpoint
 from gptedge.exporter.checkpoints.detect import load_checkpoint
 from gptedge.exporter.config import ExportConfig
 from gptedge.exporter.model import Decoder, rope_inv_freq
-from gptedge.exporter.onnx_export import trace_to_onnx
+from gptedge.exporter.onnx_export import last_position_graph, trace_to_onnx
 from gptedge.exporter.stages import stage
 from gptedge.runtime import contract, ort_variant
 from gptedge.runtime.bundle import (
@@ -144,20 +144,17 @@ def _tied(arch) -> set[str]:
 
 
 def _write_graphs(decoder: Decoder, config: ExportConfig, folder: Path) -> None:
-    # One graph in memory at a time: trace, save, free (peak RSS stays near 2-3x the weights).
-    variants = [(MODEL_NAME, False)] + ([(LAST_MODEL_NAME, True)] if config.last_logits_variant else [])
+    # One trace: the last-position graph is cut from the full one (a second trace took as long).
     with SharedWeightsWriter(folder) as writer:
-        for name, last_only in variants:
-            decoder.last_logits_only = last_only
-            try:
-                with stage(f"trace {name}"):
-                    model = trace_to_onnx(decoder, config.opset, writer)
-            finally:
-                decoder.last_logits_only = False
-            with stage(f"save {name}"):
-                writer.save(model, name)
-            del model
-            gc.collect()
+        with stage(f"trace {MODEL_NAME}"):
+            model = trace_to_onnx(decoder, config.opset, writer)
+        with stage(f"save {MODEL_NAME}"):
+            writer.save(model, MODEL_NAME)
+        if config.last_logits_variant:
+            with stage(f"save {LAST_MODEL_NAME}"):
+                writer.save(last_position_graph(model), LAST_MODEL_NAME)
+        del model
+        gc.collect()
 
 
 def _manifest(checkpoint: LoadedCheckpoint, arch, config: ExportConfig) -> Manifest:

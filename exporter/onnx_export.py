@@ -13,6 +13,7 @@ import logging
 import warnings
 from collections import Counter
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
@@ -23,6 +24,7 @@ from gptedge.runtime.onnx_io import INLINE_LIMIT, SharedWeightsWriter
 
 log = logging.getLogger(__name__)
 
+_FINAL_NORM_SCOPE = "/norm/"  # tidy_graph names the final norm's nodes by its module, ``norm``
 IR_VERSION = 10  # onnxruntime 1.2x–1.3x reads ≤ 10–13; TensorRT 10.3 parses 10.
 
 
@@ -86,6 +88,39 @@ def trace_to_onnx(decoder: Decoder, opset: int, writer: SharedWeightsWriter | No
     tidy_graph(model, arch.num_layers)
     fuse_friendly_rmsnorm(model.graph)
     return model
+
+
+def last_position_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the full-logits graph whose final norm and LM head see only the last position.
+
+    Equivalent to tracing the decoder with ``last_logits_only`` (``x[:, -1:, :]`` before the final
+    norm), at the cost of a protobuf copy instead of a second trace (torch.export's symbolic
+    shapes made each trace of a 30-layer model take 1.5 min). Logits become [batch, 1, vocab].
+    """
+    last = onnx.ModelProto()
+    last.CopyFrom(model)
+    graph = last.graph
+    norm_nodes = [node for node in graph.node if node.name.startswith(_FINAL_NORM_SCOPE)]
+    made_inside = {out for node in norm_nodes for out in node.output}
+    hidden = {name for node in norm_nodes for name in node.input[:1] if name not in made_inside}
+    if len(hidden) != 1:
+        raise RuntimeError(f"gptedge bug: cannot find the final norm's input in the traced graph (found {sorted(hidden)})")
+    source = hidden.pop()
+    sliced = f"{source}_last_position"
+    constants = {"starts": -1, "ends": 2**63 - 1, "axes": 1}
+    for key, value in constants.items():
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array([value], np.int64), f"last_position_{key}"))
+    slice_node = onnx.helper.make_node("Slice", [source, *[f"last_position_{k}" for k in constants]], [sliced],
+                                       name="/last_position/Slice")
+    for node in norm_nodes:
+        node.input[:] = [sliced if name == source else name for name in node.input]
+    first = next(i for i, node in enumerate(graph.node) if node.name.startswith(_FINAL_NORM_SCOPE))
+    graph.node.insert(first, slice_node)
+    for value in graph.output:
+        if value.name == contract.LOGITS:
+            value.type.tensor_type.shape.dim[1].Clear()
+            value.type.tensor_type.shape.dim[1].dim_value = 1
+    return last
 
 
 def fuse_friendly_rmsnorm(graph: onnx.GraphProto) -> int:

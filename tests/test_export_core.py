@@ -60,10 +60,13 @@ def test_full_sequence_equals_incremental_decode(bundle_factory, arch):
     np.testing.assert_allclose(incremental, full, atol=1e-5)
 
 
-def test_last_position_graph_matches_full_graph(llama_bundle):
-    arch = TINY_LLAMA
-    full = ort.InferenceSession(str(llama_bundle / "model.onnx"))
-    last = ort.InferenceSession(str(llama_bundle / "model_last.onnx"))
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_last_position_graph_matches_full_graph(family, request):
+    """model_last.onnx is cut from the traced model.onnx (RMSNorm and LayerNorm final norms)."""
+    arch = {"llama": TINY_LLAMA, "gpt2": TINY_GPT2}[family]
+    bundle = request.getfixturevalue(f"{family}_bundle")
+    full = ort.InferenceSession(str(bundle / "model.onnx"))
+    last = ort.InferenceSession(str(bundle / "model_last.onnx"))
     ids = np.arange(7)[None] % arch.vocab_size
     empty = {n: np.zeros((1, arch.num_kv_heads, 0, arch.head_dim), np.float32)
              for n in contract.past_names(arch.num_layers)}
@@ -72,7 +75,7 @@ def test_last_position_graph_matches_full_graph(llama_bundle):
     assert b.shape == (1, 1, arch.vocab_size)
     np.testing.assert_allclose(b[:, 0], a[:, -1], atol=1e-6)
     # both graphs read one shared weight file
-    assert sorted(p.name for p in llama_bundle.glob("*.data")) == ["model.onnx.data"]
+    assert sorted(p.name for p in bundle.glob("*.data")) == ["model.onnx.data"]
 
 
 def test_tied_embedding_is_stored_once(gpt2_bundle):

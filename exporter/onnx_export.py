@@ -19,6 +19,7 @@ import onnx_ir as ir
 import torch
 
 from gptedge.exporter.model import Decoder
+from gptedge.exporter.stamp import TRACED_LAYERS, first_layers, stamp_layers
 from gptedge.runtime import contract
 from gptedge.runtime.onnx_io import INLINE_LIMIT, SharedWeightsWriter
 
@@ -67,7 +68,17 @@ def trace_to_onnx(decoder: Decoder, opset: int, writer: SharedWeightsWriter | No
     """Export ``decoder`` (eval mode, fp32) to an ONNX model following the contract.
 
     With ``writer`` the large weights go straight to its shared data file and the returned graph
-    references them, so no in-memory protobuf copy of the weights is ever made."""
+    references them, so no in-memory protobuf copy of the weights is ever made. Decoders deeper
+    than two layers are traced at two layers and stamped out (:mod:`gptedge.exporter.stamp`).
+    """
+    if decoder.arch.num_layers > TRACED_LAYERS:
+        model = _trace(first_layers(decoder), opset, writer)
+        if stamp_layers(model, decoder.state_dict(), decoder.arch.num_layers, writer):
+            return model
+    return _trace(decoder, opset, writer)
+
+
+def _trace(decoder: Decoder, opset: int, writer: SharedWeightsWriter | None) -> onnx.ModelProto:
     arch = decoder.arch
     wrapper = _FlatIO(decoder.eval())
     decoder.transposed_tied_table = True

@@ -31,25 +31,37 @@ class SharedWeightsWriter:
         """Move ``model``'s large tensors to the shared file (emptying them in ``model``) and save
         the graph as ``folder/name``."""
         for tensor in model.graph.initializer:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor_nbytes(tensor) <= INLINE_LIMIT:
-                continue
-            raw = _raw_bytes(tensor)
-            offset, length = self.store(raw, tensor.data_type)
-            if not tensor.HasField("raw_data"):
-                tensor.raw_data = raw  # set_external_data insists on raw_data being present
-            external_data_helper.set_external_data(tensor, self.data_name, offset, length)
-            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
-                tensor.ClearField(field)
-            tensor.data_location = onnx.TensorProto.EXTERNAL
+            self.externalize(tensor)
         self._file.flush()
         path = self.folder / name
         onnx.save_model(model, path)
         return path
 
+    def externalize(self, tensor: onnx.TensorProto) -> None:
+        """Move a large ``tensor``'s bytes to the shared file (small or external ones are left)."""
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor_nbytes(tensor) <= INLINE_LIMIT:
+            return
+        raw = _raw_bytes(tensor)
+        offset, length = self.store(raw, tensor.data_type)
+        if not tensor.HasField("raw_data"):
+            tensor.raw_data = raw  # set_external_data insists on raw_data being present
+        external_data_helper.set_external_data(tensor, self.data_name, offset, length)
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+            tensor.ClearField(field)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+
+    def find(self, raw: bytes, data_type: int) -> tuple[int, int] | None:
+        """(offset, length) of identical bytes of ``data_type`` already in the file, else None."""
+        return self._written.get(self._key(raw, data_type))
+
+    @staticmethod
+    def _key(raw: bytes, data_type: int) -> str:
+        return hashlib.sha256(raw).hexdigest() + f":{data_type}"
+
     def store(self, raw: bytes, data_type: int) -> tuple[int, int]:
         """Write ``raw`` (a tensor's bytes of ONNX ``data_type``) unless identical bytes of that type
         are already in the file; return its (offset, length) there."""
-        key = hashlib.sha256(raw).hexdigest() + f":{data_type}"
+        key = self._key(raw, data_type)
         if key not in self._written:
             offset = self._file.tell()
             self._file.write(raw)

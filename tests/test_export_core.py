@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -100,3 +101,35 @@ def test_quantizing_a_tied_bundle_unties_the_lookup_table(gpt2_bundle, tmp_path)
     assert not any(n.op_type == "MatMul" and "lm_head.weight_t" in n.input for n in model.graph.node)
     result = load(out.path).generate([1, 2, 3], max_new_tokens=4, ignore_eos=True)
     assert len(result.tokens) == 4
+
+
+@pytest.mark.parametrize("base", [TINY_LLAMA, replace(TINY_LLAMA, tie_word_embeddings=True, qkv_bias=True), TINY_GPT2],
+                         ids=["llama", "llama-tied-qkv-bias", "gpt2"])
+def test_stamped_layers_equal_a_full_trace(base):
+    """Deep decoders are traced at two layers and stamped out: same graph, same numbers."""
+    from gptedge.exporter.checkpoints.synthetic import random_checkpoint
+    from gptedge.exporter.export import build_decoder
+    from gptedge.exporter.onnx_export import _trace
+    from gptedge.exporter.stamp import first_layers, stamp_layers
+
+    arch = replace(base, num_layers=4)
+    decoder = build_decoder(arch, random_checkpoint(arch, seed=2).state_dict, "random")
+    stamped = _trace(first_layers(decoder), 18, None)
+    assert stamp_layers(stamped, decoder.state_dict(), arch.num_layers, None)
+    full = _trace(decoder, 18, None)
+    onnx.checker.check_model(stamped, full_check=True)
+    assert sorted(n.op_type for n in stamped.graph.node) == sorted(n.op_type for n in full.graph.node)
+    assert {n.name for n in full.graph.node if n.name.startswith("/layers.3/")} <= {n.name for n in stamped.graph.node}
+    assert [v.name for v in stamped.graph.input] == [v.name for v in full.graph.input]
+    assert [v.name for v in stamped.graph.output] == [v.name for v in full.graph.output]
+    rng = np.random.default_rng(0)
+    past = {name: rng.standard_normal((2, arch.num_kv_heads, 3, arch.head_dim)).astype(np.float32)
+            for name in contract.past_names(arch.num_layers)}
+    mask = np.ones((2, 5), np.int64)
+    mask[1, 0] = 0
+    ids, pos = np.array([[3, 5], [7, 9]]), np.array([[3, 4], [2, 3]])
+    want = _run(ort.InferenceSession(full.SerializeToString()), arch, ids, mask, pos, past)
+    got = _run(ort.InferenceSession(stamped.SerializeToString()), arch, ids, mask, pos, past)
+    np.testing.assert_array_equal(got[0], want[0])
+    for name in want[1]:
+        np.testing.assert_array_equal(got[1][name], want[1][name])

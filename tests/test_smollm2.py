@@ -1,0 +1,85 @@
+"""The real pretrained model end to end: SmolLM2-135M-Instruct (GGUF, Llama architecture, 30
+layers) exports with its own parity check passing, chats like transformers, and every quantize
+mode runs on it. One export serves every check; skipped without ../shared.
+
+Quality budgets of the quantized bundles are benchmarks/real_model.py's business (issue 12); here
+each mode must write a bundle that still answers the question.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+from conftest import shared_file
+
+from gptedge.exporter import ExportConfig, export
+from gptedge.quantize import Fp16Config, Int4Config, Int8Config, Int8DynamicConfig, quantize
+from gptedge.runtime import load
+from gptedge.runtime.bundle import load_bundle
+
+pytestmark = pytest.mark.slow
+GGUF = ("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+ANSWER = "The capital of France is Paris."
+CONTEXT = 1024  # the model's 8k context only makes the quality gate's windows slower
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2") / "fp32"
+    return export(shared_file(*GGUF), ExportConfig(max_context=CONTEXT), out)
+
+
+def _reply(bundle_dir) -> tuple[str, list[int]]:
+    with load(bundle_dir, backend="ort-cpu") as generator:
+        result = generator.chat(QUESTION, max_new_tokens=24)
+    return result.text, result.tokens
+
+
+def test_export_passes_its_own_parity_check(smol):
+    parity = smol.manifest.parity
+    assert parity and parity["passed"]
+    assert parity["top1_agreement"] == 1.0
+    assert smol.manifest.architecture.num_layers == 30 and smol.manifest.architecture.tie_word_embeddings
+
+
+def test_greedy_chat_reply_is_transformers_reply(smol):
+    text, tokens = _reply(smol.path)
+    assert text == ANSWER
+    if importlib.util.find_spec("accelerate") is None:
+        pytest.skip("transformers' GGUF loading needs the accelerate package; the text check above ran")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = shared_file(*GGUF).parent, GGUF[1]
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype="float32")
+    prompt = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt")
+    want = model.generate(prompt, max_new_tokens=24, do_sample=False)[0, prompt.shape[1]:].tolist()
+    assert tokens == want
+
+
+def test_fp16_answers_like_fp32(smol, tmp_path):
+    fp16 = quantize(smol.path, Fp16Config(), tmp_path / "fp16")
+    assert fp16.manifest.precision["weights"] == "float16"
+    assert _reply(fp16.path) == _reply(smol.path)
+
+
+@pytest.mark.parametrize("config", [Int8DynamicConfig(), Int4Config(), Int4Config(format="qdq")],
+                         ids=["int8-dynamic", "int4", "int4-qdq"])
+def test_weight_only_modes_run_and_answer(smol, tmp_path, config):
+    out = quantize(smol.path, config, tmp_path / "out")
+    text, _ = _reply(out.path)
+    assert text.startswith("The capital of France is Paris")
+
+
+def test_int8_static_runs(smol, tmp_path):
+    calib = shared_file("wikitext-2-raw", "wiki.valid.raw").read_text(encoding="utf-8")[:60_000]
+    (tmp_path / "calib.txt").write_text(calib, encoding="utf-8")
+    # Static int8 does not hold its quality budget on this model yet (issue 12): only the mechanics
+    # (calibration on real activations, QDQ graph, a bundle that loads and generates) are checked.
+    out = quantize(smol.path, Int8Config(), tmp_path / "int8", calib_text=tmp_path / "calib.txt",
+                   max_ppl_increase=10_000.0, max_tokens=2048)
+    assert load_bundle(out.path).manifest.precision["activations"] == "int8"
+    with load(out.path, backend="ort-cpu") as generator:
+        assert generator.chat(QUESTION, max_new_tokens=4).tokens

@@ -18,9 +18,10 @@ import onnxruntime as ort
 import pytest
 from conftest import TINY_GPT2, TINY_LLAMA
 
-from gptedge.runtime import contract, load, ort_variant
-from gptedge.runtime.backends.ort import OrtBackend
+from gptedge.runtime import contract, load
 from gptedge.runtime.bundle import load_bundle
+from gptedge.runtime.ort import variant as ort_variant
+from gptedge.runtime.ort.backend import OrtBackend
 
 # GroupQueryAttention's CPU kernel needs head_dim % 16 == 0; the other tiny configs use 8.
 GQA_LLAMA = dataclasses.replace(TINY_LLAMA, hidden_size=48, num_heads=3, num_kv_heads=1, head_dim=16)
@@ -101,11 +102,11 @@ def test_unsupported_head_size_writes_no_variant(llama_bundle, caplog):
     assert not (bundle.path / "model_ort.onnx").exists()
     assert "multiple of 16" in ort_variant.unsupported(bundle.manifest.architecture)
     files = dict(bundle.manifest.files)
-    with caplog.at_level(logging.INFO, logger="gptedge.runtime.ort_variant"):
+    with caplog.at_level(logging.INFO, logger="gptedge.runtime.ort.variant"):
         assert ort_variant.attach(bundle.path, files, bundle.manifest.architecture, {}) is None
     assert "multiple of 16" in caplog.text and contract.ORT_VARIANT_ROLE not in files
     caplog.clear()  # the exporter's way: the same in a child interpreter, its log relayed here
-    with caplog.at_level(logging.INFO, logger="gptedge.runtime.ort_variant"):
+    with caplog.at_level(logging.INFO, logger="gptedge.runtime.ort.variant"):
         assert ort_variant.attach_isolated(bundle.path, files, bundle.manifest.architecture, {}) is None
     assert "multiple of 16" in caplog.text and files == dict(bundle.manifest.files)
 

@@ -1,4 +1,4 @@
-"""Fusions onnxruntime's own optimizer misses on a gptedge graph, for :mod:`ort_variant`.
+"""Fusions onnxruntime's own optimizer misses on a gptedge graph, for :mod:`gptedge.runtime.ort.variant`.
 
 Each one matches the exact subgraph the gptedge exporter writes and replaces it with one
 ``com.microsoft`` kernel; a subgraph that differs (an fp16 graph with Casts around the norm

@@ -32,10 +32,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from gptedge.runtime import contract, ort_fusions
+from gptedge.runtime import contract
 from gptedge.runtime.bundle import Architecture
 from gptedge.runtime.errors import BundleError
-from gptedge.runtime.ort_parity import NP_DTYPES, PARITY_LIMITS, check_parity
+from gptedge.runtime.ort import fusions
+from gptedge.runtime.ort.parity import NP_DTYPES, PARITY_LIMITS, check_parity
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +59,16 @@ def build(graph_path: Path, arch: Architecture, kv_dtype: str) -> onnx.ModelProt
     result refers to the same external data file, so save it in the same folder)."""
     model = onnx.load(str(graph_path), load_external_data=False)
     graph = model.graph
-    index = ort_fusions.GraphIndex(list(graph.node), graph)
+    index = fusions.GraphIndex(list(graph.node), graph)
     shared = _shared_inputs(graph, arch, kv_dtype)
     attention = [_attention_node(index, arch, layer, shared) for layer in range(arch.num_layers)]
     replaced = {out for node in attention for out in node.output}
     nodes = shared.nodes + [node for node in graph.node if not replaced.intersection(node.output)] + attention
     nodes = _toposort(_live(nodes, graph), graph)
-    nodes, fused = ort_fusions.fuse_all(nodes, graph)
+    nodes, fused = fusions.fuse_all(nodes, graph)
     log.debug("%s: fused %s", graph_path.name, fused)
     if _one_logits_row(graph):  # with every position's logits (prefill M = S) packing pays off
-        nodes = ort_fusions.unpacked_lm_head(nodes, graph)
+        nodes = fusions.unpacked_lm_head(nodes, graph)
     nodes = _toposort(_live(nodes, graph), graph)
     needed = {name for node in nodes for name in node.input}
     kept_initializers = [t for t in graph.initializer if t.name in needed]
@@ -131,7 +132,7 @@ def attach_isolated(folder: Path, files: dict[str, dict], arch: Architecture, pr
     (GPT-2 124M: 1.2 GB), and the check's onnxruntime session would stack on top of them (export
     peak RSS 3.7x instead of 3.0x the weights)."""
     payload = json.dumps({"folder": str(folder), "files": files, "arch": arch.to_dict(), "precision": precision})
-    done = subprocess.run([sys.executable, "-m", "gptedge.runtime.ort_variant"], input=payload,
+    done = subprocess.run([sys.executable, "-m", "gptedge.runtime.ort.variant"], input=payload,
                           capture_output=True, text=True)
     if done.returncode:
         raise BundleError(f"{folder}: building {ORT_MODEL_NAME} failed in its child process: "
@@ -145,7 +146,7 @@ def attach_isolated(folder: Path, files: dict[str, dict], arch: Architecture, pr
 
 
 def _child_main() -> None:
-    """``python -m gptedge.runtime.ort_variant``: attach() on the JSON read from stdin; prints
+    """``python -m gptedge.runtime.ort.variant``: attach() on the JSON read from stdin; prints
     ``{"files", "parity", "log"}`` as the last stdout line."""
     request = json.loads(sys.stdin.read())
     records: list[tuple[int, str]] = []
@@ -215,7 +216,7 @@ def _rope_caches(graph: onnx.GraphProto, arch: Architecture, kv_dtype: str) -> t
     return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
 
 
-def _attention_node(index: ort_fusions.GraphIndex, arch: Architecture, layer: int,
+def _attention_node(index: fusions.GraphIndex, arch: Architecture, layer: int,
                     shared: _Shared) -> onnx.NodeProto:
     """One GroupQueryAttention node that replaces ``layer``'s attention (its outputs take over the
     names of the old attention output and of the two presents)."""

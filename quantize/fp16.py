@@ -15,11 +15,11 @@ from onnx import numpy_helper
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
 from gptedge.quantize.config import Fp16Config
-from gptedge.quantize.graph_utils import producers, topological_sort
 from gptedge.quantize.job import Job
 from gptedge.quantize.registry import handler
 from gptedge.runtime import contract
 from gptedge.runtime.errors import BundleError
+from gptedge.runtime.graph import GraphIndex, sort_graph
 
 _FP16_MAX = 65504.0
 
@@ -44,14 +44,14 @@ def convert_graph(model: onnx.ModelProto, config: Fp16Config) -> onnx.ModelProto
                                          node_block_list=rope_angle_nodes(model),
                                          disable_shape_infer=model.ByteSize() > 1_800_000_000)
     _logits_back_to_fp32(converted)
-    topological_sort(converted)
+    sort_graph(converted.graph)
     check_no_nonfinite(converted)
     return converted
 
 
 def rope_angle_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of the nodes computing the inputs of Cos/Sin (back to the graph inputs)."""
-    made_by = producers(model)
+    made_by = GraphIndex(model.graph.node).producer
     todo = [name for node in model.graph.node if node.op_type in ("Cos", "Sin") for name in node.input]
     seen: set[str] = set()
     while todo:

@@ -28,7 +28,6 @@ import onnxruntime as ort
 from gptedge.runtime import contract
 from gptedge.runtime.bundle import Bundle
 from gptedge.runtime.errors import BackendUnavailableError, BundleError, GenerationError
-from gptedge.runtime.onnx_io import graph_reads
 from gptedge.runtime.ort.session_options import physical_cores, session_options
 
 log = logging.getLogger(__name__)
@@ -80,9 +79,6 @@ class OrtBackend:
         self.last_only = self.model_path != bundle.model_path
         self.has_variant = self.model_path != self.padded_path
         self._padded_session = self.session if not self.has_variant else None
-        # a model_ort.onnx exported before 2026-11-26 takes its lengths from the mask, so each decode
-        # step must bind the new one; today's reads the positions, and the mask is bound once
-        self.variant_reads_mask = self.has_variant and graph_reads(self.model_path, contract.ATTENTION_MASK)
         self.max_context = bundle.manifest.architecture.max_context
         logits_shape = next(o.shape for o in self.session.get_outputs() if o.name == contract.LOGITS)
         self.one_logits_row = len(logits_shape) == 3 and logits_shape[1] == 1
@@ -185,8 +181,6 @@ class OrtBackend:
             state.bound = True
         if input_ids.shape[1] == 1:
             self._bind_token(state, binding, input_ids, attention_mask, position_ids)
-            if self.variant_reads_mask:
-                binding.bind_cpu_input(contract.ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
         else:
             _bind_inputs(binding, input_ids, attention_mask, position_ids)
             state.token_inputs = None

@@ -160,11 +160,14 @@ def _current(bundle: Path, config: dict | None) -> bool:
     variant = manifest.get("files", {}).get("model_ort")
     if built_with != __version__ or variant is None or (config is not None and last.get("config") != config):
         return False
-    from gptedge.runtime import contract
-    from gptedge.runtime.onnx_io import graph_reads
+    import onnx
 
-    # a variant from before lengths came from the positions still runs, but binds a mask per step
-    return not graph_reads(bundle / variant["path"], contract.ATTENTION_MASK)
+    from gptedge.runtime import contract
+
+    # a cached variant from before its lengths came from the positions reads the mask, which the
+    # runtime no longer binds per step: rebuild it
+    graph = onnx.load(str(bundle / variant["path"]), load_external_data=False).graph
+    return not any(contract.ATTENTION_MASK in node.input for node in graph.node)
 
 
 def genai_venv(venv: Path) -> Path:

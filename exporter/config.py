@@ -26,7 +26,7 @@ class ExportConfig:
       (the floor keeps tiny models, where float32 may be exact, from dividing by zero).
     - ``last_logits_variant``: also write ``model_last.onnx`` (LM head on the last position only).
     - ``ort_variant``: also write ``model_ort.onnx``, the onnxruntime-only generation graph with fused
-      attention (see :mod:`gptedge.runtime.ort_variant`); skipped where the architecture cannot use it.
+      attention (see :mod:`gptedge.runtime.ort.variant`); skipped where the architecture cannot use it.
     - ``prune_method``: prune the blocks' linear layers before tracing: ``magnitude``, ``2:4``
       (``sparsity`` 0.5) or ``structured`` (removes that fraction of MLP neurons); see
       :mod:`gptedge.exporter.prune`. ``finetune_steps`` AdamW steps at peak ``finetune_lr`` on

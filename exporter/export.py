@@ -19,7 +19,7 @@ from gptedge.exporter.config import ExportConfig
 from gptedge.exporter.model import Decoder, rope_inv_freq
 from gptedge.exporter.onnx_export import last_position_graph, trace_to_onnx
 from gptedge.exporter.stages import stage
-from gptedge.runtime import contract, ort_variant
+from gptedge.runtime import contract
 from gptedge.runtime.bundle import (
     MODEL_NAME,
     Bundle,
@@ -31,6 +31,7 @@ from gptedge.runtime.bundle import (
 )
 from gptedge.runtime.errors import InputError
 from gptedge.runtime.onnx_io import EXTERNAL_DATA_NAME, SharedWeightsWriter
+from gptedge.runtime.ort import variant as ort_variant
 
 log = logging.getLogger(__name__)
 

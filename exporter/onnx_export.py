@@ -21,6 +21,7 @@ import torch
 from gptedge.exporter.model import Decoder
 from gptedge.exporter.stamp import TRACED_LAYERS, first_layers, stamp_layers
 from gptedge.runtime import contract
+from gptedge.runtime.graph import GraphIndex
 from gptedge.runtime.onnx_io import INLINE_LIMIT, SharedWeightsWriter
 
 log = logging.getLogger(__name__)
@@ -141,17 +142,16 @@ def fuse_friendly_rmsnorm(graph: onnx.GraphProto) -> int:
     into one SimplifiedLayerNormalization kernel, which it does not do for the Reciprocal form
     (benchmarks/NOTES.md). Returns the number of rewrites.
     """
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers: Counter[str] = Counter(name for node in graph.node for name in node.input)
+    index = GraphIndex(graph.node)
     dropped, count = set(), 0
     for node in graph.node:
         if node.op_type != "Mul":
             continue
         for slot in (0, 1):
-            recip = producers.get(node.input[slot])
-            if recip is None or recip.op_type != "Reciprocal" or consumers[recip.output[0]] != 1:
+            recip = index.producer.get(node.input[slot])
+            if recip is None or recip.op_type != "Reciprocal" or len(index.readers(recip.output[0])) != 1:
                 continue
-            sqrt = producers.get(recip.input[0])
+            sqrt = index.producer.get(recip.input[0])
             if sqrt is None or sqrt.op_type != "Sqrt":
                 continue
             node.op_type = "Div"

@@ -26,8 +26,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from gptedge.quantize.graph_utils import topological_sort
 from gptedge.runtime import contract
+from gptedge.runtime.graph import sort_graph
 from gptedge.runtime.onnx_io import SharedWeightsWriter
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def stamp_layers(model: onnx.ModelProto, params: dict[str, torch.Tensor], num_la
     for node in final_readers:  # the final norm now reads the last stamped layer's output
         node.input[:] = [previous_out if name == stream_out else name for name in node.input]
     _contract_io(graph, num_layers)
-    topological_sort(model)
+    sort_graph(graph)
     return True
 
 

@@ -18,7 +18,6 @@ from gptedge.quantize.graph_utils import untie_linear_weights
 from gptedge.quantize.job import Job
 from gptedge.quantize.registry import handler_for
 from gptedge.quantize.text import encode, read_text, require_tokens, split_held_out
-from gptedge.runtime import ort_variant
 from gptedge.runtime.bundle import (
     Bundle,
     Manifest,
@@ -28,6 +27,7 @@ from gptedge.runtime.bundle import (
     write_manifest,
 )
 from gptedge.runtime.errors import InputError, QualityGateError
+from gptedge.runtime.ort import variant as ort_variant
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from gptedge.quantize.text import encode, read_text, require_tokens
 from gptedge.runtime import contract
-from gptedge.runtime.backends import create_backend
+from gptedge.runtime.backend import create_backend
 from gptedge.runtime.bundle import Bundle, load_bundle
 from gptedge.runtime.generate import Generator
 

@@ -19,11 +19,11 @@ from onnx import numpy_helper
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
 from gptedge.quantize.config import Fp16Config
-from gptedge.quantize.graph_utils import consumers, producers, topological_sort
 from gptedge.quantize.job import Job
 from gptedge.quantize.registry import handler
 from gptedge.runtime import contract
 from gptedge.runtime.errors import BundleError
+from gptedge.runtime.graph import GraphIndex, sort_graph
 
 _FP16_MAX = 65504.0
 
@@ -50,14 +50,14 @@ def convert_graph(model: onnx.ModelProto, config: Fp16Config) -> onnx.ModelProto
                                          disable_shape_infer=model.ByteSize() > 1_800_000_000)
     fold_cast_round_trips(converted, set(block_ops), set(keep_nodes))
     _logits_back_to_fp32(converted)
-    topological_sort(converted)
+    sort_graph(converted.graph)
     check_no_nonfinite(converted)
     return converted
 
 
 def rope_angle_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of the nodes computing the inputs of Cos/Sin (back to the graph inputs)."""
-    made_by = producers(model)
+    made_by = GraphIndex(model.graph.node).producer
     todo = [name for node in model.graph.node if node.op_type in ("Cos", "Sin") for name in node.input]
     seen: set[str] = set()
     while todo:
@@ -76,7 +76,7 @@ _NORM_CHAIN_OPS = frozenset({"ReduceMean", "Add", "Sqrt", "Reciprocal", "Div", "
 def norm_statistics_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of the nodes of every RMSNorm statistics chain: ``Pow(x, 2)`` and its consumers up to
     and including the node that divides (or multiplies) ``x`` by the root mean square."""
-    users = consumers(model)
+    index = GraphIndex(model.graph.node)
     chain: set[str] = set()
     for power in (node for node in model.graph.node if node.op_type == "Pow"):
         normalized = power.input[0]
@@ -86,7 +86,7 @@ def norm_statistics_nodes(model: onnx.ModelProto) -> list[str]:
             if not todo:
                 break
             after = []
-            for node in (n for name in todo for n in users.get(name, []) if n.op_type in _NORM_CHAIN_OPS):
+            for node in (n for name in todo for n in index.readers(name) if n.op_type in _NORM_CHAIN_OPS):
                 chain.add(node.name)
                 if normalized not in node.input:  # the division by the rms ends the chain
                     after.extend(node.output)
@@ -100,7 +100,7 @@ def fold_cast_round_trips(model: onnx.ModelProto, kept_ops: set[str], kept_nodes
     The converter emits such pairs between two nodes it keeps in FP32 (``kept_ops`` op types,
     ``kept_nodes`` node names); the round trip would round (or overflow) the very value that was
     kept in FP32 on purpose."""
-    made_by = producers(model)
+    made_by = GraphIndex(model.graph.node).producer
     rename: dict[str, str] = {}
     for node in model.graph.node:
         first = made_by.get(node.input[0]) if node.op_type == "Cast" and node.input else None

@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from gptedge.runtime.graph import GraphIndex
+
 
 @dataclass(frozen=True)
 class Linear:
@@ -45,10 +47,10 @@ def untie_linear_weights(model: onnx.ModelProto) -> list[str]:
     pruning the layer leaves them intact (a tied embedding table is both the LM head's weight and
     the lookup table of a Gather). Returns the weights that were untied."""
     inits = initializers(model)
-    users = consumers(model)
+    users = GraphIndex(model.graph.node)
     untied = []
     for linear in linear_layers(model):
-        others = [node for node in users.get(linear.weight, []) if node.name != linear.node]
+        others = [node for node in users.readers(linear.weight) if node.name != linear.node]
         if not others:
             continue
         copy = onnx.TensorProto()
@@ -81,18 +83,6 @@ def remove_initializers(model: onnx.ModelProto, names: set[str]) -> None:
     model.graph.initializer.extend(keep)
 
 
-def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    return {out: node for node in model.graph.node for out in node.output}
-
-
-def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    found: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            found.setdefault(name, []).append(node)
-    return found
-
-
 def opset_version(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
@@ -115,25 +105,3 @@ def float_outputs_of(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProt
             copy.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
             existing.add(name)
     return copy
-
-
-def topological_sort(model: onnx.ModelProto) -> None:
-    """Reorder nodes so each comes after the producers of its inputs (converters may append
-    Cast nodes at the end; onnx.checker requires order). Stable for already sorted graphs."""
-    graph = model.graph
-    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending = list(graph.node)
-    ordered: list[onnx.NodeProto] = []
-    while pending:
-        rest = []
-        for node in pending:
-            if all(name in available for name in node.input):
-                ordered.append(node)
-                available.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):
-            raise ValueError(f"graph has a cycle or missing inputs at {[n.name for n in rest[:3]]}")
-        pending = rest
-    del graph.node[:]
-    graph.node.extend(ordered)

@@ -20,10 +20,11 @@ import onnx
 
 from gptedge.quantize.calibration import ActivationStats, calibration_span, collect_stats
 from gptedge.quantize.config import PruneConfig
-from gptedge.quantize.graph_utils import consumers, get_array, initializers, linear_layers, set_array
+from gptedge.quantize.graph_utils import get_array, initializers, linear_layers, set_array
 from gptedge.quantize.job import Job
 from gptedge.quantize.registry import handler, handler_for
 from gptedge.quantize.text import require_tokens
+from gptedge.runtime.graph import GraphIndex
 
 _MLP = re.compile(r"^layers\.(\d+)\.mlp\.(up|gate_up|down)\.weight_t$")
 
@@ -92,7 +93,7 @@ def prune_matrix(weight: np.ndarray, method: str, sparsity: float, norm: np.ndar
 
 def _bias_of(model: onnx.ModelProto, output: str) -> str | None:
     inits = initializers(model)
-    for node in consumers(model).get(output, []):
+    for node in GraphIndex(model.graph.node).readers(output):
         if node.op_type == "Add":
             names = [n for n in node.input if n in inits and len(inits[n].dims) == 1]
             if names:
@@ -139,10 +140,11 @@ def prune_mlp_neurons(job: Job, sparsity: float, stats: dict[str, ActivationStat
 def _fix_split_sizes(model: onnx.ModelProto, produced: str, half: int) -> None:
     """gate_up's output is split in two halves; a constant split-sizes input must shrink too."""
     inits = initializers(model)
+    index = GraphIndex(model.graph.node)
     out = produced
-    for node in consumers(model).get(out, []):
+    for node in index.readers(out):
         if node.op_type == "Add":  # bias add between MatMul and Split
             out = node.output[0]
-    for node in consumers(model).get(out, []):
+    for node in index.readers(out):
         if node.op_type == "Split" and len(node.input) > 1 and node.input[1] in inits:
             set_array(model, node.input[1], np.array([half, half], np.int64))

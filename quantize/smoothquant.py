@@ -13,19 +13,13 @@ import numpy as np
 import onnx
 
 from gptedge.quantize.calibration import ActivationStats
-from gptedge.quantize.graph_utils import (
-    consumers,
-    get_array,
-    initializers,
-    linear_layers,
-    producers,
-    set_array,
-)
+from gptedge.quantize.graph_utils import get_array, initializers, linear_layers, set_array
+from gptedge.runtime.graph import GraphIndex
 
 
 def norm_scale_inputs(model: onnx.ModelProto, tensor: str) -> list[str] | None:
     """Initializer names (weight, then bias if any) of the norm that produces ``tensor``, or None."""
-    node = producers(model).get(tensor)
+    node = GraphIndex(model.graph.node).producer.get(tensor)
     inits = initializers(model)
     if node is None:
         return None
@@ -40,14 +34,14 @@ def norm_scale_inputs(model: onnx.ModelProto, tensor: str) -> list[str] | None:
 def smooth(graphs: dict[str, onnx.ModelProto], stats: dict[str, ActivationStats], alpha: float) -> list[str]:
     """Apply SmoothQuant with strength ``alpha`` to every graph; returns the smoothed weight names."""
     model = graphs["model"]
-    users = consumers(model)
+    users = GraphIndex(model.graph.node)
     groups: dict[str, list[str]] = {}
     for lin in linear_layers(model):
         groups.setdefault(lin.activation, []).append(lin.weight)
     plan: list[tuple[list[str], list[str], np.ndarray]] = []
     for activation, weights in groups.items():
         norm_inputs = norm_scale_inputs(model, activation)
-        if not norm_inputs or len(users.get(activation, [])) != len(weights):
+        if not norm_inputs or len(users.readers(activation)) != len(weights):
             continue  # another op reads the norm output too: scaling would change it
         x_max = np.maximum(stats[weights[0]].channel_amax, 1e-5)
         w_max = np.maximum(np.max([np.abs(get_array(model, w)).max(axis=1) for w in weights], axis=0), 1e-5)

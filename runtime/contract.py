@@ -16,7 +16,7 @@ POSITION_IDS = "position_ids"
 LOGITS = "logits"
 
 BATCH, SEQ, PAST, TOTAL = "batch", "seq", "past", "total"
-# Manifest role of the onnxruntime-only generation graph (same I/O, contrib ops; see ort_variant).
+# Manifest role of the onnxruntime-only generation graph (same I/O, contrib ops; see gptedge.runtime.ort.variant).
 ORT_VARIANT_ROLE = "model_ort"
 
 

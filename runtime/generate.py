@@ -1,4 +1,4 @@
-"""The generate loop: prefill + decode over any :class:`~gptedge.runtime.backends.Backend`.
+"""The generate loop: prefill + decode over any :class:`~gptedge.runtime.backend.Backend`.
 
 The loop knows nothing about the engine: it feeds ids, gets the last logits row, picks tokens with
 the pure functions of :mod:`gptedge.runtime.sampling` and keeps per-call state only, so one
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gptedge.runtime.backends import Backend, create_backend
+from gptedge.runtime.backend import Backend, create_backend
 from gptedge.runtime.bundle import Bundle, load_bundle
 from gptedge.runtime.errors import GenerationError
 from gptedge.runtime.kv_cache import KVSequence, left_pad

@@ -155,9 +155,3 @@ def _stored_tensors(graph: onnx.GraphProto):
             for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
                 yield from _stored_tensors(sub)
 
-
-def graph_reads(model_path: Path, tensor: str) -> bool:
-    """Whether any node of the graph at ``model_path`` (top level; weights not loaded) takes
-    ``tensor`` as an input."""
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    return any(tensor in node.input for node in graph.node)

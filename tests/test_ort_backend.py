@@ -11,10 +11,11 @@ import pytest
 from conftest import TINY_GPT2, TINY_LLAMA
 
 from gptedge.runtime import load
-from gptedge.runtime.backends import availability, create_backend
-from gptedge.runtime.backends.ort import OrtBackend, cuda_availability, physical_cores
+from gptedge.runtime.backend import availability, create_backend
 from gptedge.runtime.bundle import load_bundle
 from gptedge.runtime.errors import BackendUnavailableError
+from gptedge.runtime.ort.backend import OrtBackend, cuda_availability
+from gptedge.runtime.ort.session_options import physical_cores
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from gptedge.runtime.backends.ort import _spinning
+from gptedge.runtime.ort.session_options import _spinning
 
 
 @pytest.mark.parametrize(("value", "expected"), [("1", True), ("0", False)])

@@ -18,9 +18,10 @@ import onnxruntime as ort
 import pytest
 from conftest import TINY_GPT2, TINY_LLAMA
 
-from gptedge.runtime import contract, load, ort_variant
-from gptedge.runtime.backends.ort import OrtBackend
+from gptedge.runtime import contract, load
 from gptedge.runtime.bundle import load_bundle
+from gptedge.runtime.ort import variant as ort_variant
+from gptedge.runtime.ort.backend import OrtBackend
 
 # GroupQueryAttention's CPU kernel needs head_dim % 16 == 0; the other tiny configs use 8.
 GQA_LLAMA = dataclasses.replace(TINY_LLAMA, hidden_size=48, num_heads=3, num_kv_heads=1, head_dim=16)
@@ -101,11 +102,11 @@ def test_unsupported_head_size_writes_no_variant(llama_bundle, caplog):
     assert not (bundle.path / "model_ort.onnx").exists()
     assert "multiple of 16" in ort_variant.unsupported(bundle.manifest.architecture)
     files = dict(bundle.manifest.files)
-    with caplog.at_level(logging.INFO, logger="gptedge.runtime.ort_variant"):
+    with caplog.at_level(logging.INFO, logger="gptedge.runtime.ort.variant"):
         assert ort_variant.attach(bundle.path, files, bundle.manifest.architecture, {}) is None
     assert "multiple of 16" in caplog.text and contract.ORT_VARIANT_ROLE not in files
     caplog.clear()  # the exporter's way: the same in a child interpreter, its log relayed here
-    with caplog.at_level(logging.INFO, logger="gptedge.runtime.ort_variant"):
+    with caplog.at_level(logging.INFO, logger="gptedge.runtime.ort.variant"):
         assert ort_variant.attach_isolated(bundle.path, files, bundle.manifest.architecture, {}) is None
     assert "multiple of 16" in caplog.text and files == dict(bundle.manifest.files)
 
@@ -215,33 +216,3 @@ def test_variant_takes_lengths_from_positions_and_checks_them(bundle_factory, mo
     state = fast.new_state(1)
     with pytest.raises(GenerationError, match=r"attention_mask has 4 columns.*pass \[batch, 5\]"):
         fast.step(state, ids[:, :5], np.ones((1, 4), np.int64), np.arange(5)[None])
-
-
-def test_a_variant_that_reads_the_mask_gets_it_every_step(bundle_factory, monkeypatch):
-    """Bundles exported before the variant took its lengths from the positions: their graph reads
-    the mask, so the backend binds each step's mask (binding it once would decode garbage)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    path = bundle_factory(GQA_LLAMA)
-    model = onnx.load(str(path / "model_ort.onnx"), load_external_data=False)
-    graph, mask = model.graph, contract.ATTENTION_MASK
-    kept = [n for n in graph.node if not n.name.startswith("/gqa/")]
-    graph.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), "old.axis1"),
-                              numpy_helper.from_array(np.array(1, np.int64), "old.one")])
-    old_lengths = [  # the earlier form: seqlens_k = sum(mask) - 1, total = mask length
-        helper.make_node("ReduceSum", [mask, "old.axis1"], ["old.sum"], keepdims=0),
-        helper.make_node("Sub", ["old.sum", "old.one"], ["old.seqlens64"]),
-        helper.make_node("Cast", ["old.seqlens64"], ["gqa.seqlens_k"], to=TensorProto.INT32),
-        helper.make_node("Shape", [mask], ["old.shape"], start=1, end=2),
-        helper.make_node("Squeeze", ["old.shape"], ["old.total64"]),
-        helper.make_node("Cast", ["old.total64"], ["gqa.total_sequence_length"], to=TensorProto.INT32)]
-    del graph.node[:]
-    graph.node.extend(old_lengths + kept)
-    onnx.save(model, str(path / "model_ort.onnx"))
-    prompt = [3, 4, 5, 6, 7]
-    with load(path, backend="ort-cpu", threads=1) as gen:
-        assert gen.backend.model_path.name == "model_ort.onnx" and gen.backend.variant_reads_mask
-        tokens = gen.generate(prompt, max_new_tokens=12).tokens
-    monkeypatch.setenv("GPTEDGE_ORT_VARIANT", "0")
-    with load(path, backend="ort-cpu", threads=1) as gen:
-        assert gen.generate(prompt, max_new_tokens=12).tokens == tokens

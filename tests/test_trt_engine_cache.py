@@ -15,12 +15,12 @@ import pytest
 from conftest import TINY_LLAMA
 
 from gptedge.runtime import contract
-from gptedge.runtime.backends import create_backend
-from gptedge.runtime.backends.trt import NOT_INSTALLED, kv_step, numpy_dtype, unavailable_reason
+from gptedge.runtime.backend import create_backend
 from gptedge.runtime.bundle import load_bundle
 from gptedge.runtime.cli import main
 from gptedge.runtime.errors import BackendUnavailableError, EngineError, InputError
 from gptedge.runtime.trt import engine_cache as ec
+from gptedge.runtime.trt.backend import NOT_INSTALLED, kv_step, numpy_dtype, unavailable_reason
 from gptedge.runtime.trt.profiles import DECODE, PREFILL, engine_profiles, profile_for, profiles_signature
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -165,7 +165,7 @@ def test_without_tensorrt_the_error_says_what_to_install(llama_bundle, capsys):
 
 
 def test_runtime_import_loads_no_tensorrt_or_cuda():
-    code = ("import sys, gptedge.runtime.backends.trt, gptedge.runtime.trt.build, gptedge.runtime.trt.cuda_mem, "
+    code = ("import sys, gptedge.runtime.trt.backend, gptedge.runtime.trt.build, gptedge.runtime.trt.cuda_mem, "
             "gptedge.runtime.cli.build_cmd; bad = [m for m in sys.modules if m.split('.')[0] in "
             "('tensorrt', 'cuda', 'torch')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

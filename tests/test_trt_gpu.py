@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import TINY_LLAMA
 
-from gptedge.runtime.backends.ort import cuda_device_count
+from gptedge.runtime.ort.backend import cuda_device_count
 
 pytestmark = pytest.mark.gpu
 
@@ -56,7 +56,7 @@ def test_cuda_helpers_roundtrip():
 
 @NEED_TRT
 def test_engine_generates_like_onnxruntime(llama_bundle, tmp_path):
-    from gptedge.runtime.backends import create_backend
+    from gptedge.runtime.backend import create_backend
     from gptedge.runtime.bundle import load_bundle
     from gptedge.runtime.trt.build import BuildConfig, build_engine
 

@@ -2,7 +2,9 @@
 
 Export/quantize/demo commands live with torch-using packages; they are mounted lazily so that the
 runtime-only install (a Jetson app) still runs ``gptedge generate`` and gets a clear message for
-the rest.
+the rest. A command module that cannot be imported is a broken install and raises; only a command
+whose documented extra is missing (``gptedge export`` without torch) answers with one line naming
+the extra to install.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ COMMANDS: list[tuple[str, str, str | None]] = [
     ("demo", "gptedge.runtime.cli.demo_cmd", "export"),
 ]
 
+# Packages that come with an extra (pyproject's optional-dependencies), not with gptedge itself.
+EXTRA_PACKAGES = ("torch", "safetensors", "onnxscript", "transformers")
 MISSING_EXTRA_EXIT = 11
 INTERNAL_ERROR_EXIT = 70  # an unexpected exception: a gptedge bug (EX_SOFTWARE)
 
@@ -39,36 +43,46 @@ INTERNAL_ERROR_EXIT = 70  # an unexpected exception: a gptedge bug (EX_SOFTWARE)
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad command line in one ``error:`` line (exit 2, as argparse)."""
 
+    unavailable: dict[str, ModuleNotFoundError]  # see build_parser
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> OneLineParser:
+    """The parser with every command mounted. ``parser.unavailable`` maps a command whose extra is
+    not installed to the ModuleNotFoundError its module raised (the command is listed, not runnable);
+    any other import failure of a command module propagates."""
     parser = OneLineParser(prog="gptedge", description="Export, quantize and run GPT models at the edge.")
     parser.add_argument("--version", action="version", version=f"gptedge {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for _name, module_name, _extra in COMMANDS:
+    parser.unavailable = {}
+    for name, module_name, extra in COMMANDS:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("gptedge.runtime.cli."):
-                continue  # command not built yet in this version
-            raise
+            if extra is None or (exc.name or "").split(".")[0] not in EXTRA_PACKAGES:
+                raise
+            parser.unavailable[name] = exc
+            subparsers.add_parser(name, help=f"(needs: pip install 'gptedge[{extra}]')")
+            continue
         module.register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-    try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
-    except ModuleNotFoundError as exc:  # a command module needs a package this install lacks
-        if debug:
-            raise
-        return _fail(f"cannot start gptedge: the '{exc.name}' package is missing; reinstall gptedge "
-                     "(pip install gptedge) or add the extra the command needs", MISSING_EXTRA_EXIT)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # the top-level options take no value, so the first other word is the command
+    command = next((word for word in argv if not word.startswith("-")), None)
+    if command in parser.unavailable:
+        exc = parser.unavailable[command]
+        if "--debug" in argv:
+            raise exc
+        return _fail(f"`gptedge {command}` needs the '{exc.name}' package; install it with: "
+                     f"pip install 'gptedge[{_extra_for(command)}]'", MISSING_EXTRA_EXIT)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
@@ -85,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except ModuleNotFoundError as exc:
         extra = _extra_for(args.command)
-        if args.debug or extra is None or exc.name not in ("torch", "safetensors", "onnxscript", "transformers"):
+        if args.debug or extra is None or exc.name not in EXTRA_PACKAGES:
             raise
         return _fail(f"`gptedge {args.command}` needs the '{exc.name}' package; "
                      f"install it with: pip install 'gptedge[{extra}]'", MISSING_EXTRA_EXIT)

@@ -20,6 +20,7 @@ from onnx import TensorProto, numpy_helper
 
 from gptedge.runtime.bundle import MODEL_NAME, check_relative_path, read_manifest
 from gptedge.runtime.errors import BundleError
+from gptedge.runtime.graph import GraphIndex
 from gptedge.runtime.trt.support import (
     FORBIDDEN_DTYPES,
     KNOWN_UNSUPPORTED,
@@ -145,11 +146,7 @@ class _Context:
     def graph(self, graph: onnx.GraphProto, top: bool = False) -> int:
         if not top:
             self.constants.update(_constants(graph))
-        consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in graph.node:
-            for name in node.input:
-                consumers.setdefault(name, []).append(node)
-        self.dtypes(graph, consumers, top)
+        self.dtypes(graph, GraphIndex(graph.node), top)
         count = 0
         for node in graph.node:
             count += 1 + self.node(node)
@@ -232,11 +229,11 @@ class _Context:
     def is_constant_data(self, node: onnx.NodeProto) -> bool:
         return bool(node.input) and (node.input[0] in self.constants or node.input[0] in self.q_of_const)
 
-    def dtypes(self, graph: onnx.GraphProto, consumers: dict, top: bool) -> None:
+    def dtypes(self, graph: onnx.GraphProto, index: GraphIndex, top: bool) -> None:
         self.q_of_const |= {n.output[0] for n in graph.node if n.op_type == "QuantizeLinear" and n.input
                             and n.input[0] in self.constants}
         for init in _iter_constants(graph):
-            users = consumers.get(init.name, [])
+            users = index.readers(init.name)
             if init.data_type in QUANTIZED_DTYPES and not all(_quantized_use_ok(u, init.name) for u in users):
                 self.add(init.name, "initializer", ERROR, "dtype", f"{dtype_name(init.data_type)} tensor "
                          f"{init.name!r} feeds {sorted({u.op_type for u in users})}: TensorRT accepts "

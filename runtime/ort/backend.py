@@ -1,7 +1,7 @@
 """ONNX Runtime backend (CPU, or CUDA with onnxruntime-gpu).
 
 Generation runs ``model_ort.onnx`` when the bundle has it (onnxruntime's fused attention and norm
-kernels, see :mod:`gptedge.runtime.ort_variant`) for rows without padding, and ``model_last.onnx``
+kernels, see :mod:`gptedge.runtime.ort.variant`) for rows without padding, and ``model_last.onnx``
 (LM head on the last position; ``model.onnx`` when absent) otherwise: a left-padded batch, or when
 ``GPTEDGE_ORT_VARIANT=0``. Both graphs keep the same cache layout, so a state may switch between them.
 
@@ -28,7 +28,7 @@ import onnxruntime as ort
 from gptedge.runtime import contract
 from gptedge.runtime.bundle import Bundle
 from gptedge.runtime.errors import BackendUnavailableError, BundleError, GenerationError
-from gptedge.runtime.onnx_io import graph_reads
+from gptedge.runtime.ort.session_options import physical_cores, session_options
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,6 @@ class OrtBackend:
         self.last_only = self.model_path != bundle.model_path
         self.has_variant = self.model_path != self.padded_path
         self._padded_session = self.session if not self.has_variant else None
-        # a model_ort.onnx exported before 2026-11-26 takes its lengths from the mask, so each decode
-        # step must bind the new one; today's reads the positions, and the mask is bound once
-        self.variant_reads_mask = self.has_variant and graph_reads(self.model_path, contract.ATTENTION_MASK)
         self.max_context = bundle.manifest.architecture.max_context
         logits_shape = next(o.shape for o in self.session.get_outputs() if o.name == contract.LOGITS)
         self.one_logits_row = len(logits_shape) == 3 and logits_shape[1] == 1
@@ -101,17 +98,7 @@ class OrtBackend:
         return path
 
     def _open(self, path: os.PathLike[str]) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if not _spinning(self.threads):
-            # Idle pool threads sleep instead of spin-waiting. A decode step is hundreds of tiny
-            # ops; with spinning, a thread sharing its core with any other work burns the time
-            # the busy thread needs: 1.7-1.9x slower decode at load ~3 on 2 vCPUs. On an idle
-            # machine spinning is 4-13 % faster, hence the load check (benchmarks/NOTES.md).
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = session_options(self.threads)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" \
             else ["CPUExecutionProvider"]
         try:
@@ -194,8 +181,6 @@ class OrtBackend:
             state.bound = True
         if input_ids.shape[1] == 1:
             self._bind_token(state, binding, input_ids, attention_mask, position_ids)
-            if self.variant_reads_mask:
-                binding.bind_cpu_input(contract.ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
         else:
             _bind_inputs(binding, input_ids, attention_mask, position_ids)
             state.token_inputs = None
@@ -290,18 +275,6 @@ def _still_bound(state: OrtState, input_ids: np.ndarray, position_ids: np.ndarra
     return bound is not None and bound[0] is input_ids and bound[1] is position_ids
 
 
-def _spinning(threads: int) -> bool:
-    """Whether the thread pool may spin-wait: GPTEDGE_ORT_SPINNING=1/0 decides; otherwise only
-    when the CPUs our threads need are idle (1-minute load average + threads <= CPUs + 0.5)."""
-    forced = os.environ.get("GPTEDGE_ORT_SPINNING")
-    if forced in ("0", "1"):
-        return forced == "1"
-    if threads <= 1 or not hasattr(os, "getloadavg"):
-        return True
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return os.getloadavg()[0] + threads <= cpus + 0.5
-
-
 def _bind_inputs(binding: Any, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> None:
     # bind_cpu_input uses the numpy memory as is (no copy), so it must be contiguous int64.
     binding.bind_cpu_input(contract.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
@@ -321,24 +294,6 @@ def _check_io(session: ort.InferenceSession, path: os.PathLike[str], past_names:
         missing, extra = sorted(wanted - names), sorted(names - wanted)
         raise BundleError(f"{path}: graph inputs do not follow the gptedge contract (missing {missing[:4]}, "
                           f"unexpected {extra[:4]}); re-export the bundle")
-
-
-def physical_cores() -> int:
-    """Physical CPU cores this process may use (hyperthreads do not speed up matmuls)."""
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
-            text = handle.read()
-    except OSError:
-        return max(1, allowed)
-    cores, physical = set(), "0"
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "physical id":
-            physical = value.strip()
-        elif key.strip() == "core id":
-            cores.add((physical, value.strip()))
-    return max(1, min(allowed, len(cores) or allowed))
 
 
 def cpu_availability(bundle: Bundle) -> str | None:

@@ -57,9 +57,9 @@ class Backend(Protocol):
 # name -> (module, factory function name, availability probe name). Modules are imported lazily
 # so that importing the runtime never imports tensorrt or CUDA libraries.
 REGISTRY: dict[str, tuple[str, str, str]] = {
-    "tensorrt": ("gptedge.runtime.backends.trt", "create", "availability"),
-    "ort-cuda": ("gptedge.runtime.backends.ort", "create_cuda", "cuda_availability"),
-    "ort-cpu": ("gptedge.runtime.backends.ort", "create_cpu", "cpu_availability"),
+    "tensorrt": ("gptedge.runtime.trt.backend", "create", "availability"),
+    "ort-cuda": ("gptedge.runtime.ort.backend", "create_cuda", "cuda_availability"),
+    "ort-cpu": ("gptedge.runtime.ort.backend", "create_cpu", "cpu_availability"),
 }
 AUTO_ORDER = ("tensorrt", "ort-cuda", "ort-cpu")
 

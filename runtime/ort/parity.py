@@ -1,5 +1,5 @@
 """Parity of ``model_ort.onnx`` with the graph it was rewritten from, checked with onnxruntime
-before the variant is written into a bundle (see :mod:`gptedge.runtime.ort_variant`)."""
+before the variant is written into a bundle (see :mod:`gptedge.runtime.ort.variant`)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,6 @@ and the portable graph otherwise. The lengths come from ``position_ids`` (last p
 
 from __future__ import annotations
 
-import heapq
 import json
 import logging
 import subprocess
@@ -32,10 +31,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from gptedge.runtime import contract, ort_fusions
+from gptedge.runtime import contract
 from gptedge.runtime.bundle import Architecture
 from gptedge.runtime.errors import BundleError
-from gptedge.runtime.ort_parity import NP_DTYPES, PARITY_LIMITS, check_parity
+from gptedge.runtime.graph import GraphIndex, live_nodes, toposort
+from gptedge.runtime.ort import fusions
+from gptedge.runtime.ort.parity import NP_DTYPES, PARITY_LIMITS, check_parity
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +59,17 @@ def build(graph_path: Path, arch: Architecture, kv_dtype: str) -> onnx.ModelProt
     result refers to the same external data file, so save it in the same folder)."""
     model = onnx.load(str(graph_path), load_external_data=False)
     graph = model.graph
-    index = ort_fusions.GraphIndex(list(graph.node), graph)
+    index = GraphIndex(graph.node)
     shared = _shared_inputs(graph, arch, kv_dtype)
     attention = [_attention_node(index, arch, layer, shared) for layer in range(arch.num_layers)]
     replaced = {out for node in attention for out in node.output}
     nodes = shared.nodes + [node for node in graph.node if not replaced.intersection(node.output)] + attention
-    nodes = _toposort(_live(nodes, graph), graph)
-    nodes, fused = ort_fusions.fuse_all(nodes, graph)
+    nodes = _ordered(nodes, graph)
+    nodes, fused = fusions.fuse_all(nodes, graph)
     log.debug("%s: fused %s", graph_path.name, fused)
     if _one_logits_row(graph):  # with every position's logits (prefill M = S) packing pays off
-        nodes = ort_fusions.unpacked_lm_head(nodes, graph)
-    nodes = _toposort(_live(nodes, graph), graph)
+        nodes = fusions.unpacked_lm_head(nodes, graph)
+    nodes = _ordered(nodes, graph)
     needed = {name for node in nodes for name in node.input}
     kept_initializers = [t for t in graph.initializer if t.name in needed]
     del graph.initializer[:]
@@ -131,7 +132,7 @@ def attach_isolated(folder: Path, files: dict[str, dict], arch: Architecture, pr
     (GPT-2 124M: 1.2 GB), and the check's onnxruntime session would stack on top of them (export
     peak RSS 3.7x instead of 3.0x the weights)."""
     payload = json.dumps({"folder": str(folder), "files": files, "arch": arch.to_dict(), "precision": precision})
-    done = subprocess.run([sys.executable, "-m", "gptedge.runtime.ort_variant"], input=payload,
+    done = subprocess.run([sys.executable, "-m", "gptedge.runtime.ort.variant"], input=payload,
                           capture_output=True, text=True)
     if done.returncode:
         raise BundleError(f"{folder}: building {ORT_MODEL_NAME} failed in its child process: "
@@ -145,7 +146,7 @@ def attach_isolated(folder: Path, files: dict[str, dict], arch: Architecture, pr
 
 
 def _child_main() -> None:
-    """``python -m gptedge.runtime.ort_variant``: attach() on the JSON read from stdin; prints
+    """``python -m gptedge.runtime.ort.variant``: attach() on the JSON read from stdin; prints
     ``{"files", "parity", "log"}`` as the last stdout line."""
     request = json.loads(sys.stdin.read())
     records: list[tuple[int, str]] = []
@@ -215,7 +216,7 @@ def _rope_caches(graph: onnx.GraphProto, arch: Architecture, kv_dtype: str) -> t
     return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
 
 
-def _attention_node(index: ort_fusions.GraphIndex, arch: Architecture, layer: int,
+def _attention_node(index: GraphIndex, arch: Architecture, layer: int,
                     shared: _Shared) -> onnx.NodeProto:
     """One GroupQueryAttention node that replaces ``layer``'s attention (its outputs take over the
     names of the old attention output and of the two presents)."""
@@ -293,49 +294,12 @@ def _one_logits_row(graph: onnx.GraphProto) -> bool:
     return len(dims) == 3 and dims[1].HasField("dim_value") and dims[1].dim_value == 1
 
 
-def _live(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """The nodes some graph output still depends on, in their order."""
-    producers = {out: node for node in nodes for out in node.output}
-    seen: set[str] = set()
-    live: set[int] = set()
-    stack = [out.name for out in graph.output]
-    while stack:
-        tensor = stack.pop()
-        if tensor in seen:
-            continue
-        seen.add(tensor)
-        node = producers.get(tensor)
-        if node is not None and id(node) not in live:
-            live.add(id(node))
-            stack.extend(name for name in node.input if name)
-    return [node for node in nodes if id(node) in live]
-
-
-def _toposort(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """Kahn's order, stable: a node comes as early as its inputs allow, ties in list order."""
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    producer = {out: i for i, node in enumerate(nodes) for out in node.output}
-    waiting = [0] * len(nodes)
-    users: dict[int, list[int]] = {}
-    for i, node in enumerate(nodes):
-        for name in set(node.input) - available:
-            if name not in producer:
-                raise VariantError(f"the rewritten graph reads '{name}', which nothing produces")
-            waiting[i] += 1
-            users.setdefault(producer[name], []).append(i)
-    ready = [i for i, count in enumerate(waiting) if count == 0]
-    heapq.heapify(ready)
-    ordered = []
-    while ready:
-        i = heapq.heappop(ready)
-        ordered.append(nodes[i])
-        for user in users.get(i, []):
-            waiting[user] -= 1
-            if waiting[user] == 0:
-                heapq.heappush(ready, user)
-    if len(ordered) != len(nodes):
-        raise VariantError("the rewritten graph has a cycle")
-    return ordered
+def _ordered(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The live nodes (those some graph output depends on) in a valid order."""
+    try:
+        return toposort(live_nodes(nodes, graph), graph)
+    except ValueError as exc:
+        raise VariantError(f"the rewritten graph is broken: {exc}") from exc
 
 
 if __name__ == "__main__":

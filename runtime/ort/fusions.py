@@ -1,4 +1,4 @@
-"""Fusions onnxruntime's own optimizer misses on a gptedge graph, for :mod:`ort_variant`.
+"""Fusions onnxruntime's own optimizer misses on a gptedge graph, for :mod:`gptedge.runtime.ort.variant`.
 
 Each one matches the exact subgraph the gptedge exporter writes and replaces it with one
 ``com.microsoft`` kernel; a subgraph that differs (an fp16 graph with Casts around the norm
@@ -16,24 +16,21 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from gptedge.runtime.graph import GraphIndex
+
 MS_DOMAIN = "com.microsoft"
 
 
-class GraphIndex:
-    """Producers, consumers and constant initializers of a node list, for pattern matching."""
+class PatternIndex(GraphIndex):
+    """:class:`GraphIndex` plus the graph's constant initializers and outputs, for pattern matching."""
 
     def __init__(self, nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> None:
-        self.nodes = nodes
-        self.producer = {out: node for node in nodes for out in node.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in nodes:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
+        super().__init__(nodes)
         self.initializers = {t.name: t for t in graph.initializer}
         self.outputs = {o.name for o in graph.output}
 
     def only_consumer(self, tensor: str, op_type: str) -> onnx.NodeProto | None:
-        users = self.consumers.get(tensor, [])
+        users = self.readers(tensor)
         if len(users) == 1 and users[0].op_type == op_type and tensor not in self.outputs:
             return users[0]
         return None
@@ -62,7 +59,7 @@ def fuse_all(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> tuple[list[
                         ("fast_gelu", _fast_gelu)):
         counts[name] = 0
         while True:  # one match at a time: each fusion changes what the next one sees
-            index = GraphIndex(nodes, graph)
+            index = PatternIndex(nodes, graph)
             found = next(filter(None, (match(index, node) for node in nodes)), None)
             if found is None:
                 break
@@ -80,9 +77,9 @@ def _replace(nodes: list[onnx.NodeProto], dead: list[onnx.NodeProto], new: onnx.
     return kept
 
 
-def _rmsnorm_at(index: GraphIndex, x: str) -> tuple[list[onnx.NodeProto], str, float] | None:
+def _rmsnorm_at(index: PatternIndex, x: str) -> tuple[list[onnx.NodeProto], str, float] | None:
     """The RMSNorm chain reading ``x``: (its nodes, gamma, epsilon), or None."""
-    pow_ = next((n for n in index.consumers.get(x, []) if n.op_type == "Pow"), None)
+    pow_ = next((n for n in index.readers(x) if n.op_type == "Pow"), None)
     if pow_ is None or index.scalar(pow_.input[1]) != 2.0:
         return None
     mean = index.only_consumer(pow_.output[0], "ReduceMean")
@@ -93,13 +90,13 @@ def _rmsnorm_at(index: GraphIndex, x: str) -> tuple[list[onnx.NodeProto], str, f
     if not mul or div.input[0] != x or mul.input[0] != div.output[0] or not index.is_vector(mul.input[1]):
         return None
     epsilon = index.scalar(add.input[1])
-    users = {id(n) for n in index.consumers.get(x, [])}
+    users = {id(n) for n in index.readers(x)}
     if epsilon is None or not {id(pow_), id(div)} <= users:
         return None
     return [pow_, mean, add, sqrt, div, mul], mul.input[1], epsilon
 
 
-def _skip_rmsnorm(index: GraphIndex, residual: onnx.NodeProto):
+def _skip_rmsnorm(index: PatternIndex, residual: onnx.NodeProto):
     if residual.op_type != "Add" or any(name in index.initializers for name in residual.input):
         return None
     found = _rmsnorm_at(index, residual.output[0])
@@ -113,10 +110,10 @@ def _skip_rmsnorm(index: GraphIndex, residual: onnx.NodeProto):
     return [residual, *nodes], fused
 
 
-def _skip_layernorm(index: GraphIndex, residual: onnx.NodeProto):
+def _skip_layernorm(index: PatternIndex, residual: onnx.NodeProto):
     if residual.op_type != "Add" or any(name in index.initializers for name in residual.input):
         return None
-    norm = next((n for n in index.consumers.get(residual.output[0], [])
+    norm = next((n for n in index.readers(residual.output[0])
                  if n.op_type == "LayerNormalization" and len(n.input) == 3 and _axis_of(n, -1) == -1), None)
     if norm is None:
         return None
@@ -132,7 +129,7 @@ def _skip_layernorm(index: GraphIndex, residual: onnx.NodeProto):
     return dead, fused
 
 
-def _fast_gelu(index: GraphIndex, tanh: onnx.NodeProto):
+def _fast_gelu(index: PatternIndex, tanh: onnx.NodeProto):
     found = _tanh_gelu_nodes(index, tanh) if tanh.op_type == "Tanh" else None
     if found is None:
         return None
@@ -147,7 +144,7 @@ def _fast_gelu(index: GraphIndex, tanh: onnx.NodeProto):
     return dead, fused
 
 
-def _tanh_gelu_nodes(index: GraphIndex, tanh: onnx.NodeProto) -> tuple[list[onnx.NodeProto], str] | None:
+def _tanh_gelu_nodes(index: PatternIndex, tanh: onnx.NodeProto) -> tuple[list[onnx.NodeProto], str] | None:
     """0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))) as the exporter writes it."""
     scale = index.made_by(tanh.input[0], "Mul")
     inner = scale and index.made_by(_other(scale, index), "Add")
@@ -167,13 +164,13 @@ def _tanh_gelu_nodes(index: GraphIndex, tanh: onnx.NodeProto) -> tuple[list[onnx
     return [cube, cube_mul, inner, scale, tanh, plus_one, half, out], x
 
 
-def _other(node: onnx.NodeProto, index: GraphIndex) -> str:
+def _other(node: onnx.NodeProto, index: PatternIndex) -> str:
     """The non-constant input of a binary Mul (the one that is not an initializer)."""
     names = [name for name in node.input if name not in index.initializers]
     return names[0] if len(names) == 1 else ""
 
 
-def _const_input(node: onnx.NodeProto, index: GraphIndex) -> str:
+def _const_input(node: onnx.NodeProto, index: PatternIndex) -> str:
     names = [name for name in node.input if name in index.initializers]
     return names[0] if names else ""
 
@@ -195,7 +192,7 @@ def unpacked_lm_head(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> lis
     changes. The lookup (``Gather(axis=1)`` of the tied [C, V] table) reads the 3-D table at
     axis 2 and reshapes back. Unknown readers of the weight leave the graph unchanged.
     """
-    index = GraphIndex(nodes, graph)
+    index = PatternIndex(nodes, graph)
     head = index.made_by("logits", "MatMul")
     weight = index.initializers.get(head.input[1]) if head is not None else None
     if weight is None or len(weight.dims) != 2 or weight.data_type != onnx.TensorProto.FLOAT:

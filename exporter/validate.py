@@ -14,9 +14,10 @@ with logits near ±30 shows ~1e-3 of pure float32 noise, while a tiny model show
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import gc
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,46 +51,81 @@ def check_parity(bundle_dir: Path, reference: torch.nn.Module, arch: Architectur
                  noise_ratio: float = 4.0, noise_floor: float = 1e-5) -> dict[str, Any]:
     """Compare ``bundle_dir/model.onnx`` with ``reference`` (a torch module called like the Decoder).
 
-    ``reference`` runs in float32 as given and in float64 (a deep copy, freed afterwards). Returns
-    the report stored in the manifest; raises :class:`ParityError` naming every output whose
-    max-abs distance to the float64 reference exceeds ``noise_ratio`` x float32 torch's own
-    distance + ``noise_floor``.
+    ``reference`` runs in float32 as given and in float64. Returns the report stored in the
+    manifest; raises :class:`ParityError` naming every output whose max-abs distance to the float64
+    reference exceeds ``noise_ratio`` x float32 torch's own distance + ``noise_floor``.
+
+    Memory: onnxruntime runs every step first and its session is freed before torch runs; the
+    float64 pass converts one module's weights at a time (and back, exactly), so the peak stays
+    near one float32 copy of the weights plus the onnxruntime session, never three copies.
     """
-    reference64 = copy.deepcopy(reference).double()
-    try:
-        stats = _run_steps(Path(bundle_dir) / MODEL_NAME, reference, reference64, arch)
-    finally:
-        del reference64
-        gc.collect()
-    return _report(stats, noise_ratio, noise_floor)
-
-
-def _run_steps(model_path: Path, reference32, reference64, arch: Architecture) -> dict[str, dict[str, float]]:
-    """Prefill + decode on onnxruntime and both torch copies; every torch step is fed the ONNX cache."""
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    ids, mask, positions = parity_inputs(arch)
-    rng = np.random.default_rng(1)
-    kv_shape = (ids.shape[0], arch.num_kv_heads, 0, arch.head_dim)
-    past = {n: np.zeros(kv_shape, np.float32) for n in contract.past_names(arch.num_layers)}
+    steps = _onnx_steps(Path(bundle_dir) / MODEL_NAME, arch)
+    gc.collect()
     stats: dict[str, dict[str, float]] = {}
-    for _step in range(DECODE_STEPS + 1):
-        feeds = {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: mask, contract.POSITION_IDS: positions}
-        outputs = dict(zip(names, session.run(None, {**feeds, **past})))
-        want32 = _torch_outputs(reference32, feeds, past, arch, torch.float32)
-        want64 = _torch_outputs(reference64, feeds, past, arch, torch.float64)
+    for feeds, past, outputs in steps:
+        want32 = _torch_outputs(reference, feeds, past, arch, torch.float32)
+        with _float64_one_module_at_a_time(reference):
+            want64 = _torch_outputs(reference, feeds, past, arch, torch.float64)
+        ids, mask = feeds[contract.INPUT_IDS], feeds[contract.ATTENTION_MASK]
         query_valid = mask[:, -ids.shape[1]:].astype(bool)[..., None]  # B, S, 1
         key_valid = mask.astype(bool)[:, None, :, None]  # B, 1, T, 1
         for name, want in want64.items():
             valid = query_valid if name == contract.LOGITS else key_valid
             _compare(stats, name, outputs[name], want32[name], want, valid)
         _count_top1(stats[contract.LOGITS], outputs[contract.LOGITS], want64[contract.LOGITS], query_valid[..., 0])
+    return _report(stats, noise_ratio, noise_floor)
+
+
+def _onnx_steps(model_path: Path, arch: Architecture) -> list[tuple[dict, dict, dict]]:
+    """(feeds, past, outputs) of a prefill and ``DECODE_STEPS`` decode steps on onnxruntime; each
+    step's past is the previous step's present (torch is later fed the same ONNX cache)."""
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    ids, mask, positions = parity_inputs(arch)
+    rng = np.random.default_rng(1)
+    kv_shape = (ids.shape[0], arch.num_kv_heads, 0, arch.head_dim)
+    past = {n: np.zeros(kv_shape, np.float32) for n in contract.past_names(arch.num_layers)}
+    steps = []
+    for _step in range(DECODE_STEPS + 1):
+        feeds = {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: mask, contract.POSITION_IDS: positions}
+        outputs = dict(zip(names, session.run(None, {**feeds, **past})))
+        steps.append((feeds, past, outputs))
         past = {contract.past_name(i, k): outputs[contract.present_name(i, k)]
                 for i in range(arch.num_layers) for k in ("key", "value")}
         ids = rng.integers(0, arch.vocab_size, size=(ids.shape[0], 1), dtype=np.int64)
         mask = np.concatenate([mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
         positions = positions[:, -1:] + 1
-    return stats
+    return steps
+
+
+@contextlib.contextmanager
+def _float64_one_module_at_a_time(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model`` in float64 without a float64 copy of it: buffers (RoPE frequencies) become
+    float64 for the whole pass, each module's own parameters just for its forward call. float32 ->
+    float64 -> float32 is exact, and tied parameters stay one object."""
+    def to64(module, _args):
+        for param in module.parameters(recurse=False):
+            param.data = param.data.double()
+
+    def to32(module, _args, _output):
+        for param in module.parameters(recurse=False):
+            param.data = param.data.float()
+
+    owners = [m for m in model.modules() if any(p.is_floating_point() for p in m.parameters(recurse=False))]
+    hooks = [h for m in owners for h in (m.register_forward_pre_hook(to64), m.register_forward_hook(to32))]
+    buffers = [(m, name, b) for m in model.modules() for name, b in m.named_buffers(recurse=False)
+               if b is not None and b.dtype == torch.float32]
+    for module, name, buffer in buffers:
+        setattr(module, name, buffer.double())
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, name, buffer in buffers:
+            setattr(module, name, buffer)
+        for module in owners:  # a forward that raised leaves its module in float64
+            to32(module, None, None)
 
 
 def _torch_outputs(reference, feeds: dict[str, np.ndarray], past: dict[str, np.ndarray],

@@ -19,6 +19,9 @@ from gptedge.runtime.errors import UnsupportedModelError  # noqa: E402
 
 Q8 = gguf.GGMLQuantizationType.Q8_0
 F16 = gguf.GGMLQuantizationType.F16
+# Every type gguf-py can also write (the K-quants it only reads): each linear weight of the tiny
+# model is stored in one of them, so each dequantization path is checked against transformers.
+LINEAR_TYPES = [gguf.GGMLQuantizationType[name] for name in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "BF16")]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e", "Ġt he", "Ġ a", "i s"]
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
@@ -82,14 +85,15 @@ def _add_tensors(writer, state: dict[str, np.ndarray]) -> None:
     put("token_embd.weight", state["model.embed_tokens.weight"], Q8)
     put("output.weight", state["lm_head.weight"], F16)
     writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+    types = iter(LINEAR_TYPES * 3)
     for i in range(2):
         p = f"model.layers.{i}."
-        put(f"blk.{i}.attn_q.weight", llamacpp_permute(state[p + "self_attn.q_proj.weight"], 4), Q8)
-        put(f"blk.{i}.attn_k.weight", llamacpp_permute(state[p + "self_attn.k_proj.weight"], 2), Q8)
+        put(f"blk.{i}.attn_q.weight", llamacpp_permute(state[p + "self_attn.q_proj.weight"], 4), next(types))
+        put(f"blk.{i}.attn_k.weight", llamacpp_permute(state[p + "self_attn.k_proj.weight"], 2), next(types))
         put(f"blk.{i}.attn_v.weight", state[p + "self_attn.v_proj.weight"], F16)
-        put(f"blk.{i}.attn_output.weight", state[p + "self_attn.o_proj.weight"], Q8)
+        put(f"blk.{i}.attn_output.weight", state[p + "self_attn.o_proj.weight"], next(types))
         for ours, theirs in (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj"), ("ffn_down", "down_proj")):
-            put(f"blk.{i}.{ours}.weight", state[p + f"mlp.{theirs}.weight"], Q8)
+            put(f"blk.{i}.{ours}.weight", state[p + f"mlp.{theirs}.weight"], next(types))
         writer.add_tensor(f"blk.{i}.attn_norm.weight", state[p + "input_layernorm.weight"])
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", state[p + "post_attention_layernorm.weight"])
 

@@ -79,7 +79,12 @@ def check_parity(bundle_dir: Path, reference: torch.nn.Module, arch: Architectur
 def _onnx_steps(model_path: Path, arch: Architecture) -> list[tuple[dict, dict, dict]]:
     """(feeds, past, outputs) of a prefill and ``DECODE_STEPS`` decode steps on onnxruntime; each
     step's past is the previous step's present (torch is later fed the same ONNX cache)."""
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    # A handful of tiny batches: MLAS's prepacked weight copies and the arena would only raise the
+    # export's peak memory by another copy of the weights.
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    options.enable_cpu_mem_arena = False
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     ids, mask, positions = parity_inputs(arch)
     rng = np.random.default_rng(1)

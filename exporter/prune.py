@@ -79,7 +79,7 @@ def kept_neurons(mlp: torch.nn.Module, width: int, keep_count: int) -> torch.Ten
 @torch.no_grad()
 def prune_mlp_neurons(decoder: Decoder, sparsity: float) -> Decoder:
     """A new, smaller decoder without the ``sparsity`` fraction of every layer's MLP neurons."""
-    from gptedge.exporter.export import build_decoder  # export.py imports this module lazily too
+    from gptedge.exporter.pipeline import build_decoder  # pipeline.py imports this module lazily too
 
     arch = decoder.arch
     width = arch.intermediate_size
@@ -132,7 +132,7 @@ def prune_attention_heads(decoder: Decoder, fraction: float) -> Decoder:
     """A new decoder without ``fraction`` of every layer's attention heads (the same heads count in
     every layer). Multi-head attention drops whole heads (q, k, v and out columns); grouped-query
     attention keeps every kv head and drops query heads inside each group, so the grouping stays."""
-    from gptedge.exporter.export import build_decoder
+    from gptedge.exporter.pipeline import build_decoder
 
     arch = decoder.arch
     H, K, D = arch.num_heads, arch.num_kv_heads, arch.head_dim

@@ -18,6 +18,7 @@ from gptedge.exporter.checkpoints.detect import load_checkpoint
 from gptedge.exporter.config import ExportConfig
 from gptedge.exporter.model import Decoder, rope_inv_freq
 from gptedge.exporter.onnx_export import last_position_graph, trace_to_onnx
+from gptedge.exporter.preflight import preflight
 from gptedge.exporter.stages import stage
 from gptedge.runtime import contract
 from gptedge.runtime.bundle import (
@@ -46,7 +47,7 @@ def export(source: str | os.PathLike[str], config: ExportConfig, out_dir: str | 
     interrupt leaves nothing behind. With ``config.validate`` the parity report is in the manifest
     and a mismatch raises :class:`~gptedge.runtime.errors.ParityError` (and writes no bundle).
     """
-    check_output_dir(out_dir, config.overwrite)  # refuse before minutes of loading and tracing
+    preflight(source, config, out_dir)  # refuse before minutes of loading and tracing
     # no local reference: export_loaded frees the torch weights before its onnxruntime checks
     return export_loaded(_load(Path(source), config), config, out_dir)
 

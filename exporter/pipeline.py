@@ -68,7 +68,7 @@ def export_loaded(checkpoint: LoadedCheckpoint, config: ExportConfig,
     decoder = build_decoder(arch, checkpoint.state_dict, checkpoint.source.get("path", "checkpoint"))
     pruned = None
     if config.prune_method:  # the exported (and parity-checked) model is the pruned, fine-tuned one
-        from gptedge.exporter.finetune import prune_and_recover
+        from gptedge.exporter.training.finetune import prune_and_recover
         decoder, pruned = prune_and_recover(decoder, checkpoint.tokenizer, config)
         arch = decoder.arch
     with atomic_output_dir(out_dir, overwrite=config.overwrite) as tmp:

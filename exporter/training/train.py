@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from gptedge.exporter.corpus import Corpus, load_corpus
 from gptedge.exporter.model import Decoder
+from gptedge.exporter.training.corpus import Corpus, load_corpus
 from gptedge.runtime.bundle import Architecture, atomic_output_dir
 from gptedge.runtime.errors import InputError
 
@@ -43,7 +43,7 @@ LOG_NAME = "train_log.json"
 class TrainConfig:
     """One training run. Sizes are counts; ``lr`` is AdamW's peak learning rate (linear warm-up
     over ``warmup_steps``, then cosine decay to ``lr / 10``). ``text`` None trains on the Python
-    standard library's source (see :mod:`gptedge.exporter.corpus`). ``dropout`` must be 0: the
+    standard library's source (see :mod:`gptedge.exporter.training.corpus`). ``dropout`` must be 0: the
     export decoder has no dropout layers (nanoGPT's tiny configs use 0 on the CPU too).
     ``threads`` None: time 1 and 2 torch threads at the start and at every evaluation, keep the
     faster (see :func:`pick_threads`)."""

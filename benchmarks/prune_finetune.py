@@ -8,8 +8,8 @@ from pathlib import Path
 
 from gptedge.exporter import ExportConfig, export_loaded
 from gptedge.exporter.checkpoints.detect import load_checkpoint
-from gptedge.exporter.export import build_decoder
-from gptedge.exporter.finetune import _finetune, _run_config, _token_data
+from gptedge.exporter.pipeline import build_decoder
+from gptedge.exporter.training.finetune import _finetune, _run_config, _token_data
 from gptedge.quantize.api import bundle_size_mb
 from gptedge.quantize.evaluate import greedy_tokens, perplexity
 from gptedge.quantize.text import encode, read_text

@@ -8,8 +8,8 @@ export TEXT=${TEXT:-../shared/data/tinyshakespeare.txt}
 STEPS=${STEPS:-200}
 python - <<'PY'
 import os
-from gptedge.exporter.corpus import load_corpus
-from gptedge.exporter.train import TrainConfig, matches, train_on
+from gptedge.exporter.training.corpus import load_corpus
+from gptedge.exporter.training.train import TrainConfig, matches, train_on
 text = open(os.environ["TEXT"], encoding="utf-8").read()
 cut = int(len(text) * 0.9)
 open(os.environ["OUT"] + "/train.txt", "w").write(text[:cut]); open(os.environ["OUT"] + "/val.txt", "w").write(text[cut:])

@@ -9,7 +9,7 @@ import os
 text = open(os.environ["TEXT"], encoding="utf-8").read()
 cut = int(len(text) * 0.9)
 open(os.environ["OUT"] + "/train.txt", "w").write(text[:cut]); open(os.environ["OUT"] + "/val.txt", "w").write(text[cut:])
-from gptedge.exporter.train import TrainConfig, train
+from gptedge.exporter.training.train import TrainConfig, train
 train(TrainConfig(text=os.environ["TEXT"], out_dir=os.environ["OUT"] + "/ckpt", steps=600, overwrite=True))
 PY
 gptedge export $OUT/ckpt -o $OUT/fp32 --overwrite

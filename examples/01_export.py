@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gptedge.exporter import ExportConfig, export
 from gptedge.exporter.demo import SIZES
-from gptedge.exporter.train import TrainConfig, train
+from gptedge.exporter.training.train import TrainConfig, train
 
 
 def main() -> None:

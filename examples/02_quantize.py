@@ -10,7 +10,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from gptedge.exporter.corpus import load_corpus
+from gptedge.exporter.training.corpus import load_corpus
 from gptedge.quantize import Int4Config, Int8Config, perplexity, quantize
 
 

@@ -29,9 +29,9 @@ class ExportConfig:
       attention (see :mod:`gptedge.runtime.ort.variant`); skipped where the architecture cannot use it.
     - ``prune_method``: prune the blocks' linear layers before tracing: ``magnitude``, ``2:4``
       (``sparsity`` 0.5) or ``structured`` (removes that fraction of MLP neurons); see
-      :mod:`gptedge.exporter.prune`. ``finetune_steps`` AdamW steps at peak ``finetune_lr`` on
+      :mod:`gptedge.exporter.training.prune`. ``finetune_steps`` AdamW steps at peak ``finetune_lr`` on
       ``finetune_text`` (tokenized with the checkpoint's tokenizer) then recover quality with the
-      pruning masks held fixed (see :mod:`gptedge.exporter.finetune`). ``prune_heads``: with
+      pruning masks held fixed (see :mod:`gptedge.exporter.training.finetune`). ``prune_heads``: with
       ``structured``, also remove this fraction of every layer's attention heads.
     """
 
@@ -64,7 +64,7 @@ class ExportConfig:
         self._check_pruning()
 
     def _check_pruning(self) -> None:
-        methods = ("magnitude", "2:4", "structured")  # gptedge.exporter.prune.PRUNE_METHODS
+        methods = ("magnitude", "2:4", "structured")  # gptedge.exporter.training.prune.PRUNE_METHODS
         problems = []
         if self.prune_method is not None and self.prune_method not in methods:
             problems.append(f"--prune {self.prune_method!r}: must be one of {', '.join(methods)}")

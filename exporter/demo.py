@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gptedge.exporter.corpus import Corpus, load_corpus
-from gptedge.exporter.train import LOG_NAME, TrainConfig, TrainEvent, matches, train_on
+from gptedge.exporter.training.corpus import Corpus, load_corpus
+from gptedge.exporter.training.train import LOG_NAME, TrainConfig, TrainEvent, matches, train_on
 from gptedge.runtime.bundle import atomic_output_dir
 from gptedge.runtime.errors import InputError, OutputExistsError, QualityGateError
 

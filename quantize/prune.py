@@ -65,11 +65,17 @@ def _calibration_stats(job: Job, config: PruneConfig) -> dict[str, ActivationSta
 
 
 def prune_matrix(weight: np.ndarray, method: str, sparsity: float, norm: np.ndarray | None) -> np.ndarray:
-    """``weight`` [in, out] with pruned entries set to 0.
+    """``weight`` [in, out] with the entries :func:`keep_mask` drops set to 0."""
+    return np.where(keep_mask(weight, method, sparsity, norm), weight, 0.0).astype(weight.dtype)
+
+
+def keep_mask(weight: np.ndarray, method: str, sparsity: float, norm: np.ndarray | None = None) -> np.ndarray:
+    """Boolean mask [in, out] of the entries of ``weight`` [in, out] that survive pruning.
 
     Scores: |W|, times the input-channel activation norm (Wanda) when ``norm`` is given.
     ``magnitude``: global per matrix; ``wanda``: per output column; ``2:4``: best 2 of every 4
-    consecutive inputs per output column.
+    consecutive inputs per output column. The exporter's torch-side pruning (``gptedge export
+    --prune``) selects with this function too.
     """
     score = np.abs(weight) * (norm[:, None] if norm is not None else 1.0)
     keep = np.ones(weight.shape, bool)
@@ -88,7 +94,32 @@ def prune_matrix(weight: np.ndarray, method: str, sparsity: float, norm: np.ndar
         group_keep = np.ones(groups.shape, bool)
         np.put_along_axis(group_keep, low, False, axis=1)
         keep[:rows] = group_keep.reshape(rows, -1)
-    return np.where(keep, weight, 0.0).astype(weight.dtype)
+    else:
+        raise ValueError(f"no unstructured pruning rule {method!r}")
+    return keep
+
+
+def neuron_keep_count(width: int, sparsity: float) -> int:
+    """How many of ``width`` MLP neurons survive removing the ``sparsity`` fraction (at least one)."""
+    return max(1, width - int(round(width * sparsity)))
+
+
+def kept_neurons(down: np.ndarray, up_parts: list[np.ndarray], keep_count: int,
+                 channel_norm: np.ndarray | None = None) -> np.ndarray:
+    """Sorted indices of the ``keep_count`` MLP neurons with the highest score.
+
+    ``down`` is the down projection [I, H] and ``up_parts`` the up projection [H, I] (gate's and
+    up's halves for gated MLPs), both [in, out]. Score: ||down row|| (what the neuron feeds out)
+    times, with calibration, the neuron's activation norm ``channel_norm``, else ||column|| of
+    every up part.
+    """
+    score = np.linalg.norm(down, axis=1)
+    if channel_norm is not None:  # how much each neuron actually feeds down on real text
+        score = score * channel_norm
+    else:
+        for part in up_parts:
+            score = score * np.linalg.norm(part, axis=0)
+    return np.sort(np.argsort(-score, kind="stable")[:keep_count])
 
 
 def _bias_of(model: onnx.ModelProto, output: str) -> str | None:
@@ -105,7 +136,7 @@ def prune_mlp_neurons(job: Job, sparsity: float, stats: dict[str, ActivationStat
     """Remove the ``sparsity`` fraction of MLP neurons of every layer; returns the new width."""
     model = job.graphs["model"]
     width = job.architecture.intermediate_size
-    keep_count = max(1, width - int(round(width * sparsity)))
+    keep_count = neuron_keep_count(width, sparsity)
     layers: dict[int, dict[str, object]] = {}
     for lin in linear_layers(model):
         match = _MLP.match(lin.weight)
@@ -117,13 +148,8 @@ def prune_mlp_neurons(job: Job, sparsity: float, stats: dict[str, ActivationStat
         w_up, w_down = get_array(model, up.weight), get_array(model, down.weight)
         gated = "gate_up" in parts
         columns = [w_up[:, :width], w_up[:, width:]] if gated else [w_up]
-        score = np.linalg.norm(w_down, axis=1)
-        if stats is not None:  # how much each neuron actually feeds down on real text
-            score = score * stats[down.weight].channel_norm
-        else:
-            for part in columns:
-                score = score * np.linalg.norm(part, axis=0)
-        keep = np.sort(np.argsort(-score, kind="stable")[:keep_count])
+        norm = stats[down.weight].channel_norm if stats is not None else None
+        keep = kept_neurons(w_down, columns, keep_count, norm)
         index_up = np.concatenate([keep, keep + width]) if gated else keep
         for graph in job.graphs.values():
             output = next(lin.output for lin in linear_layers(graph) if lin.weight == up.weight)

@@ -108,8 +108,8 @@ def test_quantizing_a_tied_bundle_unties_the_lookup_table(gpt2_bundle, tmp_path)
 def test_stamped_layers_equal_a_full_trace(base):
     """Deep decoders are traced at two layers and stamped out: same graph, same numbers."""
     from gptedge.exporter.checkpoints.synthetic import random_checkpoint
-    from gptedge.exporter.export import build_decoder
     from gptedge.exporter.onnx_export import _trace
+    from gptedge.exporter.pipeline import build_decoder
     from gptedge.exporter.stamp import first_layers, stamp_layers
 
     arch = replace(base, num_layers=4)

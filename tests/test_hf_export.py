@@ -15,8 +15,8 @@ from hf_folders import CONTEXT, exported, gpt2_config, llama_config, small_token
 
 from gptedge.exporter import ExportConfig, export
 from gptedge.exporter.checkpoints.hf import load_hf
-from gptedge.exporter.export import build_decoder
 from gptedge.exporter.model import empty_past
+from gptedge.exporter.pipeline import build_decoder
 from gptedge.exporter.validate import parity_inputs
 from gptedge.runtime.bundle import load_bundle
 from gptedge.runtime.errors import InputError, UnsupportedModelError

@@ -137,7 +137,7 @@ def decoder_logits(arch, state, tokens):
     """Logits [T, V] of the torch decoder holding ``state`` for one prompt."""
     import torch
 
-    from gptedge.exporter.export import build_decoder
+    from gptedge.exporter.pipeline import build_decoder
 
     decoder = build_decoder(arch, state, "test")
     ids = torch.tensor([tokens])

@@ -148,7 +148,7 @@ def test_quantized_bundles_get_their_own_variant(bundle_factory, tmp_path, mode,
 def test_export_config_can_skip_the_variant(tmp_path):
     from gptedge.exporter.checkpoints.synthetic import random_checkpoint
     from gptedge.exporter.config import ExportConfig
-    from gptedge.exporter.export import export_loaded
+    from gptedge.exporter.pipeline import export_loaded
 
     bundle = export_loaded(random_checkpoint(GQA_LLAMA, 0), ExportConfig(ort_variant=False, validate=False),
                            tmp_path / "b")

@@ -36,3 +36,13 @@ def test_ruff_bans_bare_package_imports():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     banned = config["tool"]["ruff"]["lint"]["flake8-tidy-imports"]["banned-api"]
     assert {"runtime", "exporter", "quantize"} <= set(banned)
+
+
+def test_the_readme_imports_resolve():
+    # The README's Python import lines are public API: moving a module must keep them working.
+    lines = [line.split("#")[0].strip() for line in (ROOT / "README.md").read_text().splitlines()
+             if line.startswith(("from gptedge", "import gptedge"))]
+    assert any("gptedge.exporter.train " in line for line in lines)
+    code = "\n".join(lines)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"{code}\n{out.stderr}"

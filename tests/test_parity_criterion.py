@@ -17,7 +17,7 @@ from onnx import numpy_helper
 
 import gptedge.exporter.model as decoder_module
 from gptedge.exporter.checkpoints.synthetic import random_checkpoint
-from gptedge.exporter.export import build_decoder
+from gptedge.exporter.pipeline import build_decoder
 from gptedge.exporter.validate import check_parity
 from gptedge.runtime.bundle import load_bundle
 from gptedge.runtime.errors import ParityError

@@ -9,8 +9,8 @@ import pytest
 from onnx import numpy_helper
 
 from gptedge.exporter import ExportConfig, export
-from gptedge.exporter.corpus import load_corpus
-from gptedge.exporter.train import TrainConfig, train_on
+from gptedge.exporter.training.corpus import load_corpus
+from gptedge.exporter.training.train import TrainConfig, train_on
 from gptedge.quantize import PruneConfig, quantize
 from gptedge.quantize.evaluate import perplexity
 from gptedge.runtime.cli import main

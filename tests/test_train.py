@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from gptedge.exporter.corpus import load_corpus, stdlib_text
-from gptedge.exporter.train import TrainConfig, learning_rate, matches, train
+from gptedge.exporter.training.corpus import load_corpus, stdlib_text
+from gptedge.exporter.training.train import TrainConfig, learning_rate, matches, train
 from gptedge.runtime.errors import InputError, OutputExistsError
 
 TINY = dict(n_layer=2, n_head=2, n_embd=48, block_size=32, steps=80, batch_size=12, lr=1e-2,

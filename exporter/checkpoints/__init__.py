@@ -8,14 +8,15 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from gptedge.runtime.bundle import Architecture, TokenizerInfo
 
+if TYPE_CHECKING:  # format detection and the HF config preflight import this package without torch
+    import torch
+
 # (input_ids, attention_mask, position_ids, past [(k, v)] * layers) -> (logits, presents)
-ReferenceFn = Callable[..., tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]]
+ReferenceFn = Callable[..., "tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]"]
 
 
 @dataclass

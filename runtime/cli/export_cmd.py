@@ -33,7 +33,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from gptedge.exporter import ExportConfig, export
+    from gptedge.exporter.config import ExportConfig
+    from gptedge.exporter.preflight import preflight
     from gptedge.exporter.stages import stage_listener
     from gptedge.runtime.cli.report import parity_table
 
@@ -43,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
                           prune_method=args.prune, sparsity=args.sparsity,
                           finetune_steps=args.finetune_steps, finetune_text=args.finetune_text,
                           finetune_lr=args.finetune_lr, prune_heads=args.prune_heads)
+    preflight(args.source, config, args.output)  # what needs no torch is refused before importing it
+    from gptedge.exporter import export
+
     console = Console(stderr=True)
     with stage_progress(console) as listener, stage_listener(listener):
         bundle = export(args.source, config, args.output)

@@ -18,6 +18,7 @@ from gptedge.exporter.checkpoints.detect import load_checkpoint
 from gptedge.exporter.config import ExportConfig
 from gptedge.exporter.model import Decoder, rope_inv_freq
 from gptedge.exporter.onnx_export import last_position_graph, trace_to_onnx
+from gptedge.exporter.preflight import preflight
 from gptedge.exporter.stages import stage
 from gptedge.runtime import contract
 from gptedge.runtime.bundle import (
@@ -46,7 +47,7 @@ def export(source: str | os.PathLike[str], config: ExportConfig, out_dir: str | 
     interrupt leaves nothing behind. With ``config.validate`` the parity report is in the manifest
     and a mismatch raises :class:`~gptedge.runtime.errors.ParityError` (and writes no bundle).
     """
-    check_output_dir(out_dir, config.overwrite)  # refuse before minutes of loading and tracing
+    preflight(source, config, out_dir)  # refuse before minutes of loading and tracing
     # no local reference: export_loaded frees the torch weights before its onnxruntime checks
     return export_loaded(_load(Path(source), config), config, out_dir)
 
@@ -67,7 +68,7 @@ def export_loaded(checkpoint: LoadedCheckpoint, config: ExportConfig,
     decoder = build_decoder(arch, checkpoint.state_dict, checkpoint.source.get("path", "checkpoint"))
     pruned = None
     if config.prune_method:  # the exported (and parity-checked) model is the pruned, fine-tuned one
-        from gptedge.exporter.finetune import prune_and_recover
+        from gptedge.exporter.training.finetune import prune_and_recover
         decoder, pruned = prune_and_recover(decoder, checkpoint.tokenizer, config)
         arch = decoder.arch
     with atomic_output_dir(out_dir, overwrite=config.overwrite) as tmp:

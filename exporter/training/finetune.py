@@ -1,8 +1,8 @@
 """Prune the decoder, then win back quality with a short fine-tune on a text (masks held fixed).
 
 ``gptedge export SOURCE -o OUT --prune 2:4 --finetune-steps 200 --finetune-text train.txt``:
-the checkpoint is pruned in torch (:mod:`gptedge.exporter.prune`), fine-tuned with the trainer's
-batching, loss, AdamW groups and learning-rate schedule (:mod:`gptedge.exporter.train`), and then
+the checkpoint is pruned in torch (:mod:`gptedge.exporter.training.prune`), fine-tuned with the trainer's
+batching, loss, AdamW groups and learning-rate schedule (:mod:`gptedge.exporter.training.train`), and then
 exported like any checkpoint. Zeroed weights are zeroed again after every optimizer step, so
 the exported weights keep the sparsity pattern (2:4 stays 2:4); structurally pruned matrices are
 simply smaller and train as they are.
@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
-from gptedge.exporter import prune as pruning
 from gptedge.exporter.checkpoints import TokenizerFiles
 from gptedge.exporter.config import ExportConfig
-from gptedge.exporter.corpus import VAL_FRACTION
 from gptedge.exporter.model import Decoder
-from gptedge.exporter.train import (
+from gptedge.exporter.training import prune as pruning
+from gptedge.exporter.training.corpus import VAL_FRACTION
+from gptedge.exporter.training.train import (
     TrainConfig,
     estimate_losses,
     learning_rate,

@@ -2,17 +2,18 @@
 
 The ONNX-side pruner (``gptedge quantize --mode prune``) works one-shot on a bundle; this one works
 on the :class:`~gptedge.exporter.model.Decoder` so a recovery fine-tune (:mod:`.finetune`) can
-follow. The rules are the same, re-stated in torch because ``gptedge.quantize`` never imports
-torch and the exporter never imports ``gptedge.quantize``: only the transformer blocks' linear
-layers are pruned (the LM head and embeddings stay dense); scores are |W| (no activation
-statistics here), computed in the ONNX ``[in, out]`` orientation so ties fall the same way.
+follow. Which weights and neurons go is decided by the same numpy functions
+(:func:`gptedge.quantize.prune.keep_mask`, :func:`~gptedge.quantize.prune.kept_neurons`), fed the
+weights in the ONNX ``[in, out]`` orientation so ties fall the same way; only applying the result to
+the torch modules lives here. Only the transformer blocks' linear layers are pruned (the LM head and
+embeddings stay dense); scores are |W| (no activation statistics here).
 
 - ``magnitude``: the ``sparsity`` fraction of smallest |W| of every matrix is zeroed.
 - ``2:4``: in every group of 4 consecutive inputs of an output, the 2 smallest are zeroed.
 - ``structured``: whole MLP neurons are removed (rows of up/gate_up, columns of down), scored by
   ||down column|| * ||up row|| (* ||gate row||); ``intermediate_size`` shrinks. With a heads
-  fraction, whole attention heads go too (:func:`prune_attention_heads`): the same count in every
-  layer, so ``num_heads`` (and with multi-head attention ``num_kv_heads``) shrink.
+  fraction, whole attention heads go too (:func:`prune_attention_heads`, exporter-only): the same
+  count in every layer, so ``num_heads`` (and with multi-head attention ``num_kv_heads``) shrink.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import numpy as np
 import torch
 
 from gptedge.exporter.model import Decoder
+from gptedge.quantize import prune as rules
 
 PRUNE_METHODS = ("magnitude", "2:4", "structured")
 _PRUNABLE = re.compile(r"^layers\.\d+\.(attn\.(qkv|out)|mlp\.(up|gate_up|down))\.weight$")
@@ -35,21 +38,8 @@ def prunable_weights(decoder: Decoder) -> dict[str, torch.nn.Parameter]:
 
 def keep_mask(weight: torch.Tensor, method: str, sparsity: float) -> torch.Tensor:
     """Boolean mask ``[out, in]`` of the entries of ``weight`` (``[out, in]``) that survive."""
-    score = weight.detach().abs().t().contiguous()  # [in, out], as gptedge.quantize.prune sees it
-    keep = torch.ones(score.shape, dtype=torch.bool)
-    if method == "magnitude":
-        k = int(round(score.numel() * sparsity))
-        if k:
-            keep.view(-1)[torch.argsort(score.view(-1), stable=True)[:k]] = False
-    elif method == "2:4":
-        rows = score.shape[0] - score.shape[0] % 4
-        groups = score[:rows].reshape(rows // 4, 4, -1)
-        low = torch.argsort(groups, dim=1, stable=True)[:, :2, :]
-        group_keep = torch.ones(groups.shape, dtype=torch.bool).scatter_(1, low, False)
-        keep[:rows] = group_keep.reshape(rows, -1)
-    else:
-        raise ValueError(f"no unstructured rule for {method!r}")
-    return keep.t().contiguous()
+    keep = rules.keep_mask(weight.detach().t().numpy(), method, sparsity)  # [in, out], as in the graph
+    return torch.from_numpy(np.ascontiguousarray(keep.T))
 
 
 @torch.no_grad()
@@ -69,21 +59,20 @@ def prune_unstructured(decoder: Decoder, method: str, sparsity: float) -> dict[s
 
 def kept_neurons(mlp: torch.nn.Module, width: int, keep_count: int) -> torch.Tensor:
     """Sorted indices of the ``keep_count`` MLP neurons with the highest weight score."""
-    score = torch.linalg.vector_norm(mlp.down.weight, dim=0)  # [I]: what each neuron feeds out
-    up = mlp.gate_up.weight if hasattr(mlp, "gate_up") else mlp.up.weight
-    for part in up.split(width, dim=0):  # gate rows, then up rows (one part for GELU MLPs)
-        score = score * torch.linalg.vector_norm(part, dim=1)
-    return torch.sort(torch.argsort(-score, stable=True)[:keep_count]).values
+    down = mlp.down.weight.detach().t().numpy()  # [I, H]: what each neuron feeds out
+    up = (mlp.gate_up.weight if hasattr(mlp, "gate_up") else mlp.up.weight).detach().t().numpy()
+    parts = [up[:, start:start + width] for start in range(0, up.shape[1], width)]  # gate, then up
+    return torch.from_numpy(rules.kept_neurons(down, parts, keep_count).astype(np.int64))
 
 
 @torch.no_grad()
 def prune_mlp_neurons(decoder: Decoder, sparsity: float) -> Decoder:
     """A new, smaller decoder without the ``sparsity`` fraction of every layer's MLP neurons."""
-    from gptedge.exporter.export import build_decoder  # export.py imports this module lazily too
+    from gptedge.exporter.pipeline import build_decoder  # pipeline.py imports this module lazily too
 
     arch = decoder.arch
     width = arch.intermediate_size
-    keep_count = max(1, width - int(round(width * sparsity)))
+    keep_count = rules.neuron_keep_count(width, sparsity)
     state = dict(decoder.state_dict())
     for index, layer in enumerate(decoder.layers):
         keep = kept_neurons(layer.mlp, width, keep_count)
@@ -132,7 +121,7 @@ def prune_attention_heads(decoder: Decoder, fraction: float) -> Decoder:
     """A new decoder without ``fraction`` of every layer's attention heads (the same heads count in
     every layer). Multi-head attention drops whole heads (q, k, v and out columns); grouped-query
     attention keeps every kv head and drops query heads inside each group, so the grouping stays."""
-    from gptedge.exporter.export import build_decoder
+    from gptedge.exporter.pipeline import build_decoder
 
     arch = decoder.arch
     H, K, D = arch.num_heads, arch.num_kv_heads, arch.head_dim

@@ -40,7 +40,7 @@ def llamacpp_permute(weight: np.ndarray, n_head: int) -> np.ndarray:
         weight.shape)
 
 
-def write_tiny_llama(path: Path, arch_name: str = "llama") -> None:
+def write_tiny_llama(path: Path, arch_name: str = "llama", tied: bool = False) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokens = byte_level_tokens()
@@ -68,6 +68,8 @@ def write_tiny_llama(path: Path, arch_name: str = "llama") -> None:
     writer.add_eos_token_id(2)
     writer.add_add_bos_token(False)
     writer.add_chat_template(TEMPLATE)
+    if tied:  # llama.cpp writes no output.weight for a tied head
+        state["lm_head.weight"] = None
     _add_tensors(writer, state)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -83,7 +85,8 @@ def _add_tensors(writer, state: dict[str, np.ndarray]) -> None:
             writer.add_tensor(name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
 
     put("token_embd.weight", state["model.embed_tokens.weight"], Q8)
-    put("output.weight", state["lm_head.weight"], F16)
+    if state["lm_head.weight"] is not None:
+        put("output.weight", state["lm_head.weight"], F16)
     writer.add_tensor("output_norm.weight", state["model.norm.weight"])
     types = iter(LINEAR_TYPES * 3)
     for i in range(2):
@@ -142,3 +145,12 @@ def test_detected_by_magic_and_unknown_arch_refused(tmp_path):
     with pytest.raises(UnsupportedModelError, match="'mamba' is not supported") as info:
         load_checkpoint(path, ExportConfig())
     assert info.value.exit_code == 3
+
+
+def test_missing_output_weight_means_a_tied_head(tmp_path):
+    write_tiny_llama(tmp_path / "tied.gguf", tied=True)
+    checkpoint = load_checkpoint(tmp_path / "tied.gguf", ExportConfig())
+    assert checkpoint.arch.tie_word_embeddings
+    assert "lm_head.weight" not in checkpoint.state_dict
+    bundle = export(tmp_path / "tied.gguf", ExportConfig(), tmp_path / "bundle")
+    assert bundle.manifest.parity["passed"]

@@ -9,6 +9,7 @@ The tokenizer (``tokenizer.ggml.model == "gpt2"``, byte-level BPE) is rebuilt as
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,8 @@ def to_state_dict(tensors: dict[str, np.ndarray], arch: Architecture, gguf_arch:
 
     state = {"embed.weight": torch.from_numpy(take("token_embd.weight")),
              "norm.weight": torch.from_numpy(take("output_norm.weight"))}
-    state["lm_head.weight"] = torch.from_numpy(tensors.get("output.weight", state["embed.weight"].numpy()))
+    if not arch.tie_word_embeddings:
+        state["lm_head.weight"] = torch.from_numpy(take("output.weight"))
     for i in range(arch.num_layers):
         q, k, v = (take(f"blk.{i}.attn_{n}.weight") for n in "qkv")
         if gguf_arch == "llama":
@@ -148,9 +150,13 @@ def load_gguf(path: Path, config: ExportConfig) -> LoadedCheckpoint:
     path = Path(path)
     reader = _open(path)
     meta = _fields(reader)
-    arch = architecture_from_gguf(meta, path)
+    tensors = read_tensors(reader, path)
+    # llama.cpp stores no output.weight for a tied head: the bundle then keeps one shared table
+    arch = dataclasses.replace(architecture_from_gguf(meta, path),
+                               tie_word_embeddings="output.weight" not in tensors)
     gguf_arch = meta["general.architecture"]
-    state = to_state_dict(read_tensors(reader, path), arch, gguf_arch, path)
+    state = to_state_dict(tensors, arch, gguf_arch, path)
+    del tensors
     del reader
     if config.tokenizer is not None:
         from gptedge.exporter.checkpoints.tokenizers import tokenizer_from_user_path

@@ -21,7 +21,7 @@ from gptedge.runtime.errors import GenerationError
 from gptedge.runtime.kv_cache import KVSequence, left_pad
 from gptedge.runtime.results import GenerationResult, Row
 from gptedge.runtime.sampling import SamplingOptions, check_finite, choose_token
-from gptedge.runtime.tokenizer import load_tokenizer
+from gptedge.runtime.tokenizer import load_tokenizer, with_bos
 
 if TYPE_CHECKING:
     from gptedge.runtime.session import ChatSession
@@ -63,9 +63,7 @@ class Generator:
         """Token ids of one prompt: text is encoded (BOS prepended when the manifest says so);
         ids are used exactly as given."""
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-            info = self.tokenizer_info
-            return [info.bos_id, *ids] if info.add_bos and info.bos_id is not None else ids
+            return with_bos(self.tokenizer_info, self.tokenizer.encode(prompt))
         ids = [int(t) for t in prompt]
         bad = [t for t in ids if not 0 <= t < self.arch.vocab_size]
         if bad:

@@ -12,6 +12,7 @@ from gptedge.runtime.errors import GenerationError
 from gptedge.runtime.kv_cache import KVSequence
 from gptedge.runtime.results import GenerationResult
 from gptedge.runtime.sampling import SamplingOptions
+from gptedge.runtime.tokenizer import with_bos
 
 if TYPE_CHECKING:
     from gptedge.runtime.generate import Generator, Prompt
@@ -43,9 +44,8 @@ class ChatSession:
         or token ids (as given). Returns the ids added. They are run at the next :meth:`generate`."""
         if isinstance(prompt, str):
             ids = self.generator.tokenizer.encode(prompt)
-            info = self.generator.tokenizer_info
-            if not self.ids and info.add_bos and info.bos_id is not None:
-                ids = [info.bos_id, *ids]
+            if not self.ids:  # only the text that opens the conversation may start with BOS
+                ids = with_bos(self.generator.tokenizer_info, ids)
         else:
             ids = self.generator.encode(prompt)
         if len(ids) > self.remaining:

@@ -84,9 +84,10 @@ class Generator:
             raise GenerationError("prompt must be a string, a list of token ids, or a non-empty list of those")
         return [self.encode(p) for p in items], True
 
-    def fit(self, ids: list[int], max_new_tokens: int, truncate_prompt: bool = False) -> list[int]:
-        """Check that prompt + max_new_tokens fit in the context; with ``truncate_prompt`` keep the
-        rightmost prompt tokens that fit."""
+    def fit_to_context(self, ids: list[int], max_new_tokens: int, truncate_prompt: bool = False) -> list[int]:
+        """The prompt ``ids`` to run, checked to leave room for ``max_new_tokens`` in the model's
+        context; with ``truncate_prompt`` a prompt that is too long is cut to its rightmost tokens
+        that fit. GenerationError (saying what to lower) when it cannot fit."""
         if not ids:
             raise GenerationError("the prompt is empty; pass at least one token (or text)")
         room = self.max_context - max_new_tokens
@@ -119,7 +120,7 @@ class Generator:
                                   top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
                                   ignore_eos=ignore_eos)
         prompts, is_batch = self._prompts(prompt)
-        prompts = [self.fit(p, opts.max_new_tokens, truncate_prompt) for p in prompts]
+        prompts = [self.fit_to_context(p, opts.max_new_tokens, truncate_prompt) for p in prompts]
         rows = [self._row(p, opts, track_text=False) for p in prompts]
         start = time.perf_counter()
         for _ in self._run(prompts, rows, opts):
@@ -144,7 +145,7 @@ class Generator:
         prompts, is_batch = self._prompts(prompt)
         if is_batch:
             raise GenerationError("stream() takes one prompt; use generate() for a batch")
-        prompts = [self.fit(prompts[0], opts.max_new_tokens, truncate_prompt)]
+        prompts = [self.fit_to_context(prompts[0], opts.max_new_tokens, truncate_prompt)]
         row = self._row(prompts[0], opts, track_text=True)
         return TextStream(self._run(prompts, [row], opts), row)
 

@@ -17,6 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from gptedge.runtime.graph import GraphIndex
+from gptedge.runtime.tolerances import GELU_CONSTANT_RTOL
 
 MS_DOMAIN = "com.microsoft"
 
@@ -159,7 +160,7 @@ def _tanh_gelu_nodes(index: PatternIndex, tanh: onnx.NodeProto) -> tuple[list[on
     if not out or x not in out.input:
         return None
     if not np.isclose(index.scalar(_const_input(half, index)) or 0, 0.5) or \
-            not np.isclose(index.scalar(_const_input(scale, index)) or 0, np.sqrt(2 / np.pi), rtol=1e-4):
+            not np.isclose(index.scalar(_const_input(scale, index)) or 0, np.sqrt(2 / np.pi), rtol=GELU_CONSTANT_RTOL):
         return None
     return [cube, cube_mul, inner, scale, tanh, plus_one, half, out], x
 

@@ -7,11 +7,12 @@ the pure functions of :mod:`gptedge.runtime.sampling` and keeps per-call state o
 
 from __future__ import annotations
 
+import collections.abc
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
+# The decode loop: yields once per generated position; closing it ends the loop and frees its cache.
+Steps = collections.abc.Generator[None, None, None]
 
 
 def load(bundle_dir: str | os.PathLike[str], backend: str = "auto", threads: int | None = None) -> Generator:
@@ -79,10 +82,10 @@ class Generator:
             return [self.encode(prompt)], False
         items = list(prompt)
         if items and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in items):
-            return [self.encode(items)], False
+            return [self.encode(cast(list[int], items))], False
         if not items or not all(isinstance(p, (str, list, tuple, np.ndarray)) for p in items):
             raise GenerationError("prompt must be a string, a list of token ids, or a non-empty list of those")
-        return [self.encode(p) for p in items], True
+        return [self.encode(cast(Prompt, p)) for p in items], True  # each checked just above
 
     def fit_to_context(self, ids: list[int], max_new_tokens: int, truncate_prompt: bool = False) -> list[int]:
         """The prompt ``ids`` to run, checked to leave room for ``max_new_tokens`` in the model's
@@ -152,7 +155,7 @@ class Generator:
     def _row(self, prompt: list[int], options: SamplingOptions, track_text: bool) -> Row:
         return Row(prompt, self.tokenizer, self.eos_ids, options.ignore_eos, options.stop, track_text)
 
-    def _run(self, prompts: list[list[int]], rows: list[Row], options: SamplingOptions) -> Iterator[None]:
+    def _run(self, prompts: list[list[int]], rows: list[Row], options: SamplingOptions) -> Steps:
         """Prefill the left-padded batch, then decode; yields once per generated position."""
         pad = self.tokenizer_info.pad_id if self.tokenizer_info.pad_id is not None else 0
         ids, mask = left_pad(prompts, pad)
@@ -161,7 +164,7 @@ class Generator:
         yield from self.decode(sequence, logits, rows, options, prompts)
 
     def decode(self, sequence: KVSequence, logits: np.ndarray, rows: list[Row], options: SamplingOptions,
-               history: list[list[int]]) -> Iterator[None]:
+               history: list[list[int]]) -> Steps:
         """Sample from ``logits [B, V]``, feed the tokens back, repeat up to ``options.max_new_tokens``
         times. Finished rows keep stepping (their outputs are ignored). The last sampled token is
         not fed (its KV is not in the cache). ``history`` (ids so far) feeds the repetition penalty."""
@@ -260,14 +263,14 @@ class _ClosedBackend:
 class TextStream:
     """Iterator of text pieces from :meth:`Generator.stream`; ``result`` once it is exhausted."""
 
-    def __init__(self, steps: Iterator[None], row: Row) -> None:
+    def __init__(self, steps: Steps, row: Row) -> None:
         self._start = time.perf_counter()
         self._steps = steps
         self._row = row
         self._pieces = self._generate()
         self.result: GenerationResult | None = None
 
-    def _generate(self) -> Iterator[str]:
+    def _generate(self) -> collections.abc.Generator[str, None, None]:
         try:
             for _ in self._steps:
                 piece = self._row.stream_piece()

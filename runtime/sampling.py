@@ -90,7 +90,7 @@ SamplingParams = SamplingOptions
 
 
 def _is_int(value: Any, minimum: int) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value >= minimum)
 
 
 def normalize_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:

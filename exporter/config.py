@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptedge.runtime.errors import InputError
+from gptedge.runtime.tolerances import EXPORT_PARITY_NOISE_FLOOR, EXPORT_PARITY_NOISE_RATIO
 
 MIN_OPSET, MAX_OPSET = 18, 20
 
@@ -43,8 +44,8 @@ class ExportConfig:
     last_logits_variant: bool = True
     ort_variant: bool = True
     overwrite: bool = False
-    parity_noise_ratio: float = 4.0
-    parity_noise_floor: float = 1e-5
+    parity_noise_ratio: float = EXPORT_PARITY_NOISE_RATIO
+    parity_noise_floor: float = EXPORT_PARITY_NOISE_FLOOR
     prune_method: str | None = None
     sparsity: float = 0.5
     finetune_steps: int = 0

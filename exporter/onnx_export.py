@@ -12,6 +12,7 @@ import contextlib
 import logging
 import warnings
 from collections import Counter
+from typing import cast
 
 import numpy as np
 import onnx
@@ -93,6 +94,7 @@ def _trace(decoder: Decoder, opset: int, writer: SharedWeightsWriter | None) -> 
                 output_names=contract.output_names(arch.num_layers), verbose=False, report=False)
     finally:
         decoder.transposed_tied_table = False
+    assert program is not None  # dynamo=True always returns an ONNXProgram
     if writer is not None:
         _externalize(program.model, writer)
     model = program.model_proto
@@ -169,13 +171,14 @@ def fuse_friendly_rmsnorm(graph: onnx.GraphProto) -> int:
 def _externalize(model: ir.Model, writer: SharedWeightsWriter) -> None:
     """Move each large initializer's bytes to the writer's file, one tensor at a time; the folded
     copies the exporter made (transposed weights) are freed as they are replaced."""
-    for value in model.graph.initializers.values():
+    for name, value in model.graph.initializers.items():
         tensor = value.const_value
         if tensor is None or tensor.nbytes <= INLINE_LIMIT:
             continue
         offset, length = writer.store(tensor.tobytes(), int(tensor.dtype))
         value.const_value = ir.ExternalTensor(writer.data_name, offset, length, tensor.dtype,
-                                              shape=tensor.shape, name=value.name, base_dir=str(writer.folder))
+                                              shape=cast(ir.Shape, tensor.shape), name=name,
+                                              base_dir=str(writer.folder))
 
 
 @contextlib.contextmanager

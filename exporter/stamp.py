@@ -26,6 +26,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from gptedge.exporter.model import Decoder
 from gptedge.runtime import contract
 from gptedge.runtime.graph import sort_graph
 from gptedge.runtime.onnx_io import SharedWeightsWriter
@@ -74,7 +75,7 @@ def _unscoped(node: onnx.NodeProto) -> bool:
     return node.name.count("/") == 1  # "/Split_2": no module path before the op name
 
 
-def first_layers(decoder: torch.nn.Module, count: int = TRACED_LAYERS) -> torch.nn.Module:
+def first_layers(decoder: Decoder, count: int = TRACED_LAYERS) -> Decoder:
     """A shallow copy of ``decoder`` keeping its first ``count`` layers (the weights are shared)."""
     small = copy.copy(decoder)
     small._modules = dict(decoder._modules)  # copy.copy shares the module dict; keep the original intact
@@ -128,6 +129,7 @@ def _stream_out(graph: onnx.GraphProto, layer: _Layer) -> str | None:
 
 
 def _renames(layer: _Layer, index: int, stream_in: str) -> dict[str, str]:
+    assert layer.stream_in is not None  # stamp_layers stops before stamping a layer without one
     rename = {layer.stream_in: stream_in}
     for name in layer.made:
         rename[name] = name.replace("present.1.", f"present.{index}.") if name.startswith("present.1.") \

@@ -28,6 +28,7 @@ import torch
 from gptedge.runtime import contract
 from gptedge.runtime.bundle import MODEL_NAME, Architecture
 from gptedge.runtime.errors import ParityError
+from gptedge.runtime.tolerances import EXPORT_PARITY_NOISE_FLOOR, EXPORT_PARITY_NOISE_RATIO
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ def parity_inputs(arch: Architecture, seed: int = 0) -> tuple[np.ndarray, np.nda
 
 
 def check_parity(bundle_dir: Path, reference: torch.nn.Module, arch: Architecture,
-                 noise_ratio: float = 4.0, noise_floor: float = 1e-5) -> dict[str, Any]:
+                 noise_ratio: float = EXPORT_PARITY_NOISE_RATIO,
+                 noise_floor: float = EXPORT_PARITY_NOISE_FLOOR) -> dict[str, Any]:
     """Compare ``bundle_dir/model.onnx`` with ``reference`` (a torch module called like the Decoder).
 
     ``reference`` runs in float32 as given and in float64. Returns the report stored in the

@@ -61,6 +61,7 @@ class ActivationStats:
     @property
     def channel_norm(self) -> np.ndarray:
         """L2 norm of each input channel over all calibration rows (Wanda's ||X_j||)."""
+        assert self.channel_sqsum is not None, "no calibration rows were added"
         return np.sqrt(self.channel_sqsum)
 
     def threshold(self, method: str, percentile: float = 99.99) -> float:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from gptedge.runtime.errors import InputError
+from gptedge.runtime.tolerances import QUALITY_BUDGET_PERCENT
 
 # Numerically sensitive ops kept in FP32 inside FP16 graphs (norm statistics, softmax, exponentials).
 FP16_KEEP_FP32 = ("LayerNormalization", "SimplifiedLayerNormalization", "ReduceMean", "Pow", "Sqrt",
@@ -35,7 +36,7 @@ class Fp16Config:
 
     keep_fp32: tuple[str, ...] = FP16_KEEP_FP32
     mode: ClassVar[str] = "fp16"
-    default_budget: ClassVar[float | None] = 0.5
+    default_budget: ClassVar[float | None] = QUALITY_BUDGET_PERCENT["fp16"]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep_fp32", tuple(self.keep_fp32))
@@ -61,7 +62,7 @@ class Int8DynamicConfig:
     block_size: int = 128
     accuracy_level: int = 4
     mode: ClassVar[str] = "int8-dynamic"
-    default_budget: ClassVar[float | None] = 2.0
+    default_budget: ClassVar[float | None] = QUALITY_BUDGET_PERCENT["int8-dynamic"]
 
     def __post_init__(self) -> None:
         problems = []
@@ -95,7 +96,7 @@ class Int8Config:
     calib_decode_steps: int = 8
     smoothquant_alpha: float | None = None
     mode: ClassVar[str] = "int8"
-    default_budget: ClassVar[float | None] = 2.0
+    default_budget: ClassVar[float | None] = QUALITY_BUDGET_PERCENT["int8"]
 
     def __post_init__(self) -> None:
         problems = []
@@ -129,7 +130,7 @@ class Int4Config:
     accuracy_level: int = 4
     format: str = "matmulnbits"
     mode: ClassVar[str] = "int4"
-    default_budget: ClassVar[float | None] = 6.0
+    default_budget: ClassVar[float | None] = QUALITY_BUDGET_PERCENT["int4"]
 
     def __post_init__(self) -> None:
         problems = []

@@ -20,7 +20,7 @@ import onnx
 
 from gptedge.quantize.calibration import ActivationStats, calibration_span, collect_stats
 from gptedge.quantize.config import PruneConfig
-from gptedge.quantize.graph_utils import get_array, initializers, linear_layers, set_array
+from gptedge.quantize.graph_utils import Linear, get_array, initializers, linear_layers, set_array
 from gptedge.quantize.job import Job
 from gptedge.quantize.registry import handler, handler_for
 from gptedge.quantize.text import require_tokens
@@ -137,7 +137,7 @@ def prune_mlp_neurons(job: Job, sparsity: float, stats: dict[str, ActivationStat
     model = job.graphs["model"]
     width = job.architecture.intermediate_size
     keep_count = neuron_keep_count(width, sparsity)
-    layers: dict[int, dict[str, object]] = {}
+    layers: dict[int, dict[str, Linear]] = {}
     for lin in linear_layers(model):
         match = _MLP.match(lin.weight)
         if match:

@@ -9,7 +9,7 @@ import numpy as np
 
 from gptedge.runtime.bundle import Bundle
 from gptedge.runtime.errors import GenerationError, InputError
-from gptedge.runtime.tokenizer import load_tokenizer
+from gptedge.runtime.tokenizer import load_tokenizer, with_bos
 
 
 def read_text(path: str | os.PathLike[str], what: str) -> str:
@@ -35,10 +35,7 @@ def encode(bundle: Bundle, text: str, what: str) -> np.ndarray:
         ids = tokenizer.encode(text)
     except GenerationError as exc:
         raise InputError(f"{what}: {exc}") from exc
-    info = bundle.manifest.tokenizer
-    if info.add_bos and info.bos_id is not None:
-        ids = [info.bos_id, *ids]
-    return np.asarray(ids, dtype=np.int64)
+    return np.asarray(with_bos(bundle.manifest.tokenizer, ids), dtype=np.int64)
 
 
 def split_held_out(text: str, fraction: float = 0.1) -> tuple[str, str]:

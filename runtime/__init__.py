@@ -17,6 +17,7 @@ from gptedge.runtime.errors import (  # noqa: E402
 )
 from gptedge.runtime.generate import Generator, load  # noqa: E402
 from gptedge.runtime.results import GenerationResult  # noqa: E402
+from gptedge.runtime.sampling import SamplingOptions  # noqa: E402
 
 __all__ = [
     "Architecture",
@@ -29,6 +30,7 @@ __all__ = [
     "GptEdgeError",
     "InputError",
     "Manifest",
+    "SamplingOptions",
     "__version__",
     "load",
     "load_bundle",

@@ -7,12 +7,12 @@ the pure functions of :mod:`gptedge.runtime.sampling` and keeps per-call state o
 
 from __future__ import annotations
 
+import collections.abc
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -20,9 +20,9 @@ from gptedge.runtime.backend import Backend, create_backend
 from gptedge.runtime.bundle import Bundle, load_bundle
 from gptedge.runtime.errors import GenerationError
 from gptedge.runtime.kv_cache import KVSequence, left_pad
-from gptedge.runtime.results import GenerationResult, Row, normalize_stop
-from gptedge.runtime.sampling import SamplingParams, check_finite, choose_token
-from gptedge.runtime.tokenizer import load_tokenizer
+from gptedge.runtime.results import GenerationResult, Row
+from gptedge.runtime.sampling import SamplingOptions, check_finite, choose_token
+from gptedge.runtime.tokenizer import load_tokenizer, with_bos
 
 if TYPE_CHECKING:
     from gptedge.runtime.session import ChatSession
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
+# The decode loop: yields once per generated position; closing it ends the loop and frees its cache.
+Steps = collections.abc.Generator[None, None, None]
 
 
 def load(bundle_dir: str | os.PathLike[str], backend: str = "auto", threads: int | None = None) -> Generator:
@@ -40,16 +42,6 @@ def load(bundle_dir: str | os.PathLike[str], backend: str = "auto", threads: int
     generator = Generator(bundle, create_backend(backend, bundle, threads))
     log.info("loaded %s on backend %s", bundle.path, generator.backend_name)
     return generator
-
-
-@dataclass(frozen=True)
-class _Call:
-    """The validated arguments of one generate/stream call."""
-
-    params: SamplingParams
-    max_new_tokens: int
-    stops: tuple[str, ...]
-    ignore_eos: bool
 
 
 class Generator:
@@ -74,9 +66,7 @@ class Generator:
         """Token ids of one prompt: text is encoded (BOS prepended when the manifest says so);
         ids are used exactly as given."""
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-            info = self.tokenizer_info
-            return [info.bos_id, *ids] if info.add_bos and info.bos_id is not None else ids
+            return with_bos(self.tokenizer_info, self.tokenizer.encode(prompt))
         ids = [int(t) for t in prompt]
         bad = [t for t in ids if not 0 <= t < self.arch.vocab_size]
         if bad:
@@ -92,14 +82,15 @@ class Generator:
             return [self.encode(prompt)], False
         items = list(prompt)
         if items and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in items):
-            return [self.encode(items)], False
+            return [self.encode(cast(list[int], items))], False
         if not items or not all(isinstance(p, (str, list, tuple, np.ndarray)) for p in items):
             raise GenerationError("prompt must be a string, a list of token ids, or a non-empty list of those")
-        return [self.encode(p) for p in items], True
+        return [self.encode(cast(Prompt, p)) for p in items], True  # each checked just above
 
-    def fit(self, ids: list[int], max_new_tokens: int, truncate_prompt: bool = False) -> list[int]:
-        """Check that prompt + max_new_tokens fit in the context; with ``truncate_prompt`` keep the
-        rightmost prompt tokens that fit."""
+    def fit_to_context(self, ids: list[int], max_new_tokens: int, truncate_prompt: bool = False) -> list[int]:
+        """The prompt ``ids`` to run, checked to leave room for ``max_new_tokens`` in the model's
+        context; with ``truncate_prompt`` a prompt that is too long is cut to its rightmost tokens
+        that fit. GenerationError (saying what to lower) when it cannot fit."""
         if not ids:
             raise GenerationError("the prompt is empty; pass at least one token (or text)")
         room = self.max_context - max_new_tokens
@@ -117,29 +108,25 @@ class Generator:
             f"{self.max_context} tokens; lower max_new_tokens or pass truncate_prompt=True "
             f"(keeps the last {room} prompt tokens)")
 
-    def _call(self, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
-              repetition_penalty: float | None, seed: int | None, stop: Any, ignore_eos: bool) -> _Call:
-        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) \
-                or max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
-        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-        return _Call(params, int(max_new_tokens), normalize_stop(stop), bool(ignore_eos))
-
     # -- generation -----------------------------------------------------------------------------
     def generate(self, prompt: Prompt | Sequence[Prompt], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None,
                  stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
-                 truncate_prompt: bool = False) -> GenerationResult | list[GenerationResult]:
+                 truncate_prompt: bool = False,
+                 options: SamplingOptions | None = None) -> GenerationResult | list[GenerationResult]:
         """Generate a continuation of ``prompt`` (text, token ids, or a list of those = a batch,
-        left-padded). ``temperature`` 0 is greedy. Returns one :class:`GenerationResult`, or a
-        list for a batch."""
-        call = self._call(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, ignore_eos)
+        left-padded). ``temperature`` 0 is greedy; the sampling arguments are those of
+        :class:`~gptedge.runtime.sampling.SamplingOptions`, given as keywords or all at once as
+        ``options``. Returns one :class:`GenerationResult`, or a list for a batch."""
+        opts = SamplingOptions.of(options, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+                                  ignore_eos=ignore_eos)
         prompts, is_batch = self._prompts(prompt)
-        prompts = [self.fit(p, call.max_new_tokens, truncate_prompt) for p in prompts]
-        rows = [self._row(p, call, track_text=False) for p in prompts]
+        prompts = [self.fit_to_context(p, opts.max_new_tokens, truncate_prompt) for p in prompts]
+        rows = [self._row(p, opts, track_text=False) for p in prompts]
         start = time.perf_counter()
-        for _ in self._run(prompts, rows, call):
+        for _ in self._run(prompts, rows, opts):
             pass
         results = []
         for row in rows:
@@ -151,53 +138,54 @@ class Generator:
                top_k: int | None = None, top_p: float | None = None,
                repetition_penalty: float | None = None, seed: int | None = None,
                stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
-               truncate_prompt: bool = False) -> TextStream:
+               truncate_prompt: bool = False, options: SamplingOptions | None = None) -> TextStream:
         """Like :meth:`generate` for ONE prompt: an iterator of text pieces as they become stable
         (never half a UTF-8 character; never text a stop string could still cut). Closing it stops
         the generation; once exhausted, its ``result`` is the :class:`GenerationResult`."""
-        call = self._call(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, ignore_eos)
+        opts = SamplingOptions.of(options, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+                                  ignore_eos=ignore_eos)
         prompts, is_batch = self._prompts(prompt)
         if is_batch:
             raise GenerationError("stream() takes one prompt; use generate() for a batch")
-        prompts = [self.fit(prompts[0], call.max_new_tokens, truncate_prompt)]
-        row = self._row(prompts[0], call, track_text=True)
-        return TextStream(self._run(prompts, [row], call), row)
+        prompts = [self.fit_to_context(prompts[0], opts.max_new_tokens, truncate_prompt)]
+        row = self._row(prompts[0], opts, track_text=True)
+        return TextStream(self._run(prompts, [row], opts), row)
 
-    def _row(self, prompt: list[int], call: _Call, track_text: bool) -> Row:
-        return Row(prompt, self.tokenizer, self.eos_ids, call.ignore_eos, call.stops, track_text)
+    def _row(self, prompt: list[int], options: SamplingOptions, track_text: bool) -> Row:
+        return Row(prompt, self.tokenizer, self.eos_ids, options.ignore_eos, options.stop, track_text)
 
-    def _run(self, prompts: list[list[int]], rows: list[Row], call: _Call) -> Iterator[None]:
+    def _run(self, prompts: list[list[int]], rows: list[Row], options: SamplingOptions) -> Steps:
         """Prefill the left-padded batch, then decode; yields once per generated position."""
         pad = self.tokenizer_info.pad_id if self.tokenizer_info.pad_id is not None else 0
         ids, mask = left_pad(prompts, pad)
         sequence = KVSequence(self.backend, len(prompts), self.max_context)
         logits = sequence.feed(ids, mask)
-        yield from self.decode(sequence, logits, rows, call, prompts)
+        yield from self.decode(sequence, logits, rows, options, prompts)
 
-    def decode(self, sequence: KVSequence, logits: np.ndarray, rows: list[Row], call: _Call,
-               history: list[list[int]]) -> Iterator[None]:
-        """Sample from ``logits [B, V]``, feed the tokens back, repeat up to ``call.max_new_tokens``
+    def decode(self, sequence: KVSequence, logits: np.ndarray, rows: list[Row], options: SamplingOptions,
+               history: list[list[int]]) -> Steps:
+        """Sample from ``logits [B, V]``, feed the tokens back, repeat up to ``options.max_new_tokens``
         times. Finished rows keep stepping (their outputs are ignored). The last sampled token is
         not fed (its KV is not in the cache). ``history`` (ids so far) feeds the repetition penalty."""
-        params = call.params
-        rng = params.rng()
+        rng = options.rng()
         seen = None
-        if params.repetition_penalty is not None:
+        if options.repetition_penalty is not None:
             seen = np.zeros((len(rows), logits.shape[-1]), dtype=bool)
             for r, ids in enumerate(history):
                 seen[r, [i for i in ids if i < logits.shape[-1]]] = True
         next_ids = np.zeros((len(rows), 1), dtype=np.int64)
-        for step in range(call.max_new_tokens):
+        for step in range(options.max_new_tokens):
             for r, row in enumerate(rows):
                 if row.done:
                     continue
-                token = choose_token(logits[r], params, rng, None if seen is None else seen[r])
+                token = choose_token(logits[r], options, rng, None if seen is None else seen[r])
                 row.push(token)
                 next_ids[r, 0] = token
                 if seen is not None:
                     seen[r, token] = True
             yield
-            if step + 1 == call.max_new_tokens or all(row.done for row in rows):
+            if step + 1 == options.max_new_tokens or all(row.done for row in rows):
                 return
             logits = sequence.feed(next_ids)
 
@@ -275,14 +263,14 @@ class _ClosedBackend:
 class TextStream:
     """Iterator of text pieces from :meth:`Generator.stream`; ``result`` once it is exhausted."""
 
-    def __init__(self, steps: Iterator[None], row: Row) -> None:
+    def __init__(self, steps: Steps, row: Row) -> None:
         self._start = time.perf_counter()
         self._steps = steps
         self._row = row
         self._pieces = self._generate()
         self.result: GenerationResult | None = None
 
-    def _generate(self) -> Iterator[str]:
+    def _generate(self) -> collections.abc.Generator[str, None, None]:
         try:
             for _ in self._steps:
                 piece = self._row.stream_piece()

@@ -7,7 +7,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gptedge.runtime.errors import GenerationError
 from gptedge.runtime.tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -27,16 +26,6 @@ class GenerationResult:
     tokens: list[int]
     finish_reason: str
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def normalize_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
-    """``stop`` as a tuple of non-empty strings."""
-    if stop is None:
-        return ()
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
-    if not all(isinstance(s, str) and s for s in stops):
-        raise GenerationError(f"stop={stop!r}: must be a non-empty string or a list of non-empty strings")
-    return stops
 
 
 class Row:

@@ -11,6 +11,8 @@ import numpy as np
 from gptedge.runtime.errors import GenerationError
 from gptedge.runtime.kv_cache import KVSequence
 from gptedge.runtime.results import GenerationResult
+from gptedge.runtime.sampling import SamplingOptions
+from gptedge.runtime.tokenizer import with_bos
 
 if TYPE_CHECKING:
     from gptedge.runtime.generate import Generator, Prompt
@@ -42,9 +44,8 @@ class ChatSession:
         or token ids (as given). Returns the ids added. They are run at the next :meth:`generate`."""
         if isinstance(prompt, str):
             ids = self.generator.tokenizer.encode(prompt)
-            info = self.generator.tokenizer_info
-            if not self.ids and info.add_bos and info.bos_id is not None:
-                ids = [info.bos_id, *ids]
+            if not self.ids:  # only the text that opens the conversation may start with BOS
+                ids = with_bos(self.generator.tokenizer_info, ids)
         else:
             ids = self.generator.encode(prompt)
         if len(ids) > self.remaining:
@@ -57,24 +58,26 @@ class ChatSession:
     def generate(self, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float | None = None,
                  seed: int | None = None, stop: str | Sequence[str] | None = None,
-                 ignore_eos: bool = False) -> GenerationResult:
+                 ignore_eos: bool = False, options: SamplingOptions | None = None) -> GenerationResult:
         """Continue the conversation (arguments as :meth:`Generator.generate`)."""
         gen = self.generator
-        call = gen._call(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, ignore_eos)
+        opts = SamplingOptions.of(options, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+                                  ignore_eos=ignore_eos)
         if not self._pending:
             raise GenerationError("nothing to continue from: append() a prompt first")
-        if len(self.ids) + call.max_new_tokens > gen.max_context:
+        if len(self.ids) + opts.max_new_tokens > gen.max_context:
             raise GenerationError(
-                f"session holds {len(self.ids)} tokens; + max_new_tokens={call.max_new_tokens} exceeds the "
+                f"session holds {len(self.ids)} tokens; + max_new_tokens={opts.max_new_tokens} exceeds the "
                 f"model's context of {gen.max_context} tokens; lower max_new_tokens (at most "
                 f"{max(self.remaining, 0)}) or start a new session")
         if self._sequence is None:
             self._sequence = KVSequence(gen.backend, 1, gen.max_context)
-        row = gen._row(self.ids, call, track_text=False)
+        row = gen._row(self.ids, opts, track_text=False)
         start = time.perf_counter()
         logits = self._sequence.feed(np.asarray([self._pending], dtype=np.int64))
         self._pending = []
-        for _ in gen.decode(self._sequence, logits, [row], call, [self.ids]):
+        for _ in gen.decode(self._sequence, logits, [row], opts, [self.ids]):
             pass
         row.end_of_budget()
         self.ids.extend(row.tokens)

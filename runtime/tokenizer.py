@@ -2,8 +2,8 @@
 
 Kinds: ``"hf"`` (a ``tokenizers`` ``tokenizer.json``), ``"char"`` (nanoGPT char level),
 ``"llama2c"`` (llama2.c's sentencepiece-like tokenizer, run.c's algorithm exactly) and ``"none"``
-(the bundle generates from token ids only). ``encode`` never adds BOS; the generator does that
-when ``manifest.tokenizer.add_bos`` is true. ``decode`` ignores ids the tokenizer does not know
+(the bundle generates from token ids only). ``encode`` never adds BOS; :func:`with_bos` holds the
+one rule for that. ``decode`` ignores ids the tokenizer does not know
 (models often pad their vocabulary, e.g. GPT-2 50304 vs 50257).
 
 :class:`IncrementalDecoder` turns a growing list of ids into text pieces that never split a
@@ -17,7 +17,7 @@ import re
 from collections.abc import Sequence
 from typing import Protocol
 
-from gptedge.runtime.bundle import Bundle
+from gptedge.runtime.bundle import Bundle, TokenizerInfo
 from gptedge.runtime.errors import BundleError, GenerationError
 
 REPLACEMENT = "\ufffd"
@@ -159,6 +159,15 @@ class NoTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return ""
+
+
+def with_bos(info: TokenizerInfo, ids: Sequence[int]) -> list[int]:
+    """The one BOS rule: ``ids``, the encoded text that opens a sequence, with ``info.bos_id`` put
+    first when the manifest says the tokenizer adds one (``add_bos`` and a ``bos_id``). Only text
+    gets it: token ids a caller passes are used as given, and a chat template places BOS itself."""
+    if info.add_bos and info.bos_id is not None:
+        return [info.bos_id, *ids]
+    return list(ids)
 
 
 def load_tokenizer(bundle: Bundle) -> Tokenizer:

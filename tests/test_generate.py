@@ -11,7 +11,7 @@ import pytest
 import torch
 from hf_folders import exported
 
-from gptedge.runtime import GenerationResult, Generator, load
+from gptedge.runtime import GenerationResult, Generator, SamplingOptions, load
 from gptedge.runtime.bundle import load_bundle
 from gptedge.runtime.errors import GenerationError
 from gptedge.runtime.kv_cache import KVSequence
@@ -78,6 +78,9 @@ def test_seeded_sampling_is_reproducible(gen):
     a = gen.generate(PROMPTS[0], seed=11, **kwargs).tokens
     assert a == gen.generate(PROMPTS[0], seed=11, **kwargs).tokens
     assert a != gen.generate(PROMPTS[0], seed=12, **kwargs).tokens
+    options = SamplingOptions(seed=11, **kwargs)
+    assert gen.generate(PROMPTS[0], options=options).tokens == a
+    assert "".join(gen.stream(PROMPTS[0], options=options)) == gen.generate(PROMPTS[0], options=options).text
 
 
 def test_threads_share_one_generator(gen):

@@ -7,6 +7,7 @@ import pytest
 
 from gptedge.runtime.errors import GenerationError
 from gptedge.runtime.sampling import (
+    SamplingOptions,
     SamplingParams,
     apply_repetition_penalty,
     choose_token,
@@ -31,6 +32,26 @@ def draws(params: SamplingParams, n: int, logits: np.ndarray = LOGITS, seen=None
 def test_bad_arguments_name_the_argument(kwargs, name):
     with pytest.raises(GenerationError, match=name):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"), ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_new_tokens": True}, "max_new_tokens"), ({"stop": [""]}, "stop"), ({"stop": [3]}, "stop"),
+])
+def test_bad_call_options_name_the_argument(kwargs, name):
+    with pytest.raises(GenerationError, match=name):
+        SamplingOptions(**kwargs)
+
+
+def test_options_normalize_stop_and_refuse_a_second_way_of_saying_it():
+    assert SamplingOptions(stop="END").stop == ("END",) and SamplingOptions(stop=None).stop == ()
+    given = SamplingOptions(temperature=0.5, seed=3)
+    assert SamplingOptions.of(given, temperature=0.0, stop=None) is given  # keywords at their defaults
+    assert SamplingOptions.of(None, temperature=0.5, seed=3) == given
+    with pytest.raises(GenerationError, match="temperature"):
+        SamplingOptions.of(given, temperature=0.7)
+    with pytest.raises(GenerationError, match="options"):
+        SamplingOptions.of({"temperature": 0.5})
 
 
 def test_greedy_is_argmax_and_ignores_seed():

@@ -10,7 +10,7 @@ from conftest import TINY_GPT2, shared_file
 
 from gptedge.runtime.bundle import Bundle, Manifest, TokenizerInfo
 from gptedge.runtime.errors import BundleError, GenerationError
-from gptedge.runtime.tokenizer import REPLACEMENT, IncrementalDecoder, load_tokenizer
+from gptedge.runtime.tokenizer import REPLACEMENT, IncrementalDecoder, load_tokenizer, with_bos
 
 TEXT = "héllo 日本語 🙂"
 
@@ -124,3 +124,9 @@ def test_no_tokenizer_refuses_text_and_malformed_files_are_bundle_errors(tmp_pat
         load_tokenizer(bundle_with(tmp_path, "char", "tokenizer.char.json", b"{not json"))
     with pytest.raises(BundleError, match="missing"):
         load_tokenizer(bundle_with(tmp_path, "llama2c", "absent.json"))
+
+
+def test_with_bos_is_the_one_bos_rule():
+    assert with_bos(TokenizerInfo(kind="hf", bos_id=1, add_bos=True), [7, 8]) == [1, 7, 8]
+    assert with_bos(TokenizerInfo(kind="hf", bos_id=1, add_bos=False), [7, 8]) == [7, 8]
+    assert with_bos(TokenizerInfo(kind="hf", bos_id=None, add_bos=True), (7, 8)) == [7, 8]

@@ -38,7 +38,8 @@ COPIED_FILES = ("config.json", "generation_config.json")
 
 # (pattern on the checkpoint name, decoder name template, part index for fused tensors or None,
 #  transpose): GPT-2's Conv1D stores [in, out], the decoder's Linear [out, in].
-_GPT2_RULES = [
+Rule = tuple[str, str, int | None, bool]
+_GPT2_RULES: list[Rule] = [
     (r"wte\.weight", "embed.weight", None, False),
     (r"wpe\.weight", "pos_embed.weight", None, False),
     (r"h\.(\d+)\.ln_1\.(weight|bias)", r"layers.\1.attn_norm.\2", None, False),
@@ -57,7 +58,7 @@ _GPT2_RULES = [
 # Causal-mask buffers older GPT-2 checkpoints carry; the decoder builds its mask from attention_mask.
 _GPT2_SKIP = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
-_LLAMA_RULES = [
+_LLAMA_RULES: list[Rule] = [
     (r"embed_tokens\.weight", "embed.weight", None, False),
     (r"layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attn_norm.weight", None, False),
     (r"layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", r"layers.\1.attn.qkv.\2", 0, False),

@@ -40,8 +40,11 @@ def read_json_object(path: Path, hint: str = "") -> dict[str, Any]:
 
 def export_context(cfg: dict[str, Any], requested: int | None) -> int:
     """Tokens the bundle will support: ``requested`` (``--max-context``) or the model's own."""
-    own = cfg.get("n_positions") if cfg.get("model_type") == "gpt2" else cfg.get("max_position_embeddings")
-    return int(requested if requested is not None else own)
+    key = "n_positions" if cfg.get("model_type") == "gpt2" else "max_position_embeddings"
+    own = requested if requested is not None else cfg.get(key)
+    if own is None:
+        raise InputError(f"config.json has no {key!r}, so the model's context is unknown; pass --max-context N")
+    return int(own)
 
 
 def architecture_from_config(cfg: dict[str, Any], where: Path, requested_context: int | None = None) -> Architecture:

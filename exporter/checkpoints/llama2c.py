@@ -64,6 +64,7 @@ class Llama2cHeader:
 def read_header(path: Path) -> Llama2cHeader:
     """Parse and validate the header of a llama2.c ``.bin`` (legacy or v1); checks the file size."""
     size = path.stat().st_size
+    params: tuple[int, int, int, int, int, int, int]  # dim, hidden_dim, layers, heads, kv heads, vocab, seq_len
     with open(path, "rb") as handle:
         head = handle.read(V1_HEADER_BYTES)
     if len(head) >= 8 and struct.unpack_from("<I", head, 0)[0] == MAGIC:

@@ -51,7 +51,9 @@ def load_nanogpt(path: Path, config: ExportConfig) -> LoadedCheckpoint:
     state = _strip_prefix(checkpoint["model"], path)
     arch = _architecture(model_args, state, path)
     state_dict = _map_names(state, arch, path)
-    train_config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
+    train_config = checkpoint.get("config")
+    if not isinstance(train_config, dict):
+        train_config = {}
     dataset = train_config.get("dataset")
     tokenizer, tokenizer_source = _find_tokenizer(path, dataset, config, arch.vocab_size)
     source: dict[str, Any] = {

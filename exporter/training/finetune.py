@@ -72,6 +72,7 @@ def prune_and_recover(decoder: Decoder, tokenizer: TokenizerFiles | None,
     if data:
         ppl["one_shot"] = _perplexity(decoder, data, run)
     if config.finetune_steps:
+        assert data is not None  # ExportConfig refuses finetune_steps without finetune_text
         record["finetune"] = _finetune(decoder, masks, data["train"], run)
         record["finetune"]["text"] = str(config.finetune_text)
         ppl["finetuned"] = _perplexity(decoder, data, run)
@@ -156,7 +157,7 @@ def _chunks(text: str, size: int = 8192) -> list[str]:
 
 def _open_tokenizer(path: Path, files: TokenizerFiles | None) -> Tokenizer:
     info = files.info if files else None
-    if info is None or info.kind == "none" or not info.file or info.file not in files.files:
+    if files is None or info is None or info.kind == "none" or not info.file or info.file not in files.files:
         raise InputError(f"--finetune-text {path}: the checkpoint has no tokenizer to encode it with; "
                          "pass --tokenizer")
     data = files.files[info.file]

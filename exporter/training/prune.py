@@ -24,7 +24,7 @@ import re
 import numpy as np
 import torch
 
-from gptedge.exporter.model import Decoder
+from gptedge.exporter.model import MLP, Attention, Decoder
 from gptedge.quantize import prune as rules
 
 PRUNE_METHODS = ("magnitude", "2:4", "structured")
@@ -57,7 +57,7 @@ def prune_unstructured(decoder: Decoder, method: str, sparsity: float) -> dict[s
     return masks
 
 
-def kept_neurons(mlp: torch.nn.Module, width: int, keep_count: int) -> torch.Tensor:
+def kept_neurons(mlp: MLP, width: int, keep_count: int) -> torch.Tensor:
     """Sorted indices of the ``keep_count`` MLP neurons with the highest weight score."""
     down = mlp.down.weight.detach().t().numpy()  # [I, H]: what each neuron feeds out
     up = (mlp.gate_up.weight if hasattr(mlp, "gate_up") else mlp.up.weight).detach().t().numpy()
@@ -103,7 +103,7 @@ def _head_rows(heads: torch.Tensor, head_dim: int, offset: int = 0) -> torch.Ten
     return (offset + heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
 
 
-def kept_heads(attn: torch.nn.Module, keep_kv: int, keep_per_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+def kept_heads(attn: Attention, keep_kv: int, keep_per_group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(query heads, kv heads) to keep, sorted. Query heads score ||their out columns|| * ||their q
     rows||; a kv head (with multi-head attention: a head's own k/v) scores its group's sum."""
     H, K, D = attn.n_head, attn.n_kv, attn.head_dim

@@ -295,6 +295,7 @@ def pick_threads(model: Decoder, tokens: torch.Tensor, config: TrainConfig) -> i
         model.zero_grad(set_to_none=True)
         if best is None or min(timings) < best[0]:
             best = (min(timings), threads)
+    assert best is not None  # the loop ran at least once
     log.debug("torch threads: %d (%.3f s per step)", best[1], best[0])
     return best[1]
 

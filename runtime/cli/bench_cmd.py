@@ -8,6 +8,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 
@@ -50,17 +51,19 @@ def measure(generator: Any, prompt_len: int, new_tokens: int, batch: int, runs: 
     import numpy as np
 
     from gptedge.runtime.errors import InputError
+    from gptedge.runtime.sampling import SamplingOptions
 
     if min(prompt_len, new_tokens, batch, runs) < 1:
         raise InputError("--prompt-len, --new-tokens, --batch and --runs must all be >= 1")
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, generator.arch.vocab_size, size=(batch, prompt_len)).tolist()
-    generator.generate(prompts, max_new_tokens=min(8, new_tokens), ignore_eos=True)  # warm-up
+    options = SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True)  # greedy, exactly new_tokens
+    generator.generate(prompts, options=replace(options, max_new_tokens=min(8, new_tokens)))  # warm-up
     timer = _RunTimer(generator.backend)
     ttft, tps, overhead = [], [], []
     for _ in range(runs):
         timer.durations.clear()
-        result = generator.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)[0]
+        result = generator.generate(prompts, options=options)[0]
         ttft.append(result.timings["ttft_s"])
         tps.append(result.timings["decode_tokens_per_s"])
         decode_wall = (new_tokens - 1) / tps[-1] if tps[-1] else 0.0

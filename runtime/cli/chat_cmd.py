@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptedge.runtime.cli.generate_cmd import add_sampling_arguments, sampling_kwargs, summary_line
+from gptedge.runtime.cli.generate_cmd import summary_line
+from gptedge.runtime.cli.sampling_flags import add_sampling_arguments, sampling_options
 
 
 def register(subparsers) -> None:
@@ -25,12 +26,12 @@ def run(args: argparse.Namespace) -> int:
     from gptedge.runtime import load
     from gptedge.runtime.chat import template_source
 
+    options = sampling_options(args)
     generator = load(args.bundle, backend=args.backend, threads=args.threads)
     template_source(generator.bundle)  # no template: one clear line before any prompt is shown
     session = generator.session(system=args.system)
-    sampling = sampling_kwargs(args)
     if args.message is not None:
-        result = session.chat(args.message, **sampling)
+        result = session.chat(args.message, options=options)
         print(result.text)
         print(summary_line(result, generator.backend_name), file=sys.stderr)
         return 0
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if not line.strip():
             continue
-        result = session.chat(line.rstrip("\n"), **sampling)
+        result = session.chat(line.rstrip("\n"), options=options)
         print(result.text, flush=True)
         if interactive:
             print(summary_line(result, generator.backend_name), file=sys.stderr)

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _rich_reporter(console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
     from gptedge.exporter.demo import Reporter
 
@@ -57,7 +57,7 @@ def _rich_reporter(console):
         def __init__(self) -> None:
             self.started: dict[str, float] = {}
             self.progress: Progress | None = None
-            self.task = None
+            self.task = TaskID(0)  # the progress bar's task, set when the bar starts
             self.last_val: float | None = None
 
         def stage(self, name: str, detail: str = "") -> None:

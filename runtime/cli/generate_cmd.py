@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gptedge.runtime.cli.sampling_flags import add_sampling_arguments, sampling_options
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate text from a bundle (streams to stdout)")
@@ -18,24 +20,6 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
     p.set_defaults(func=run)
-
-
-def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    """The sampling flags shared by `generate` and `chat` (greedy unless --temperature > 0)."""
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=float, help="nucleus sampling: smallest set with probability >= p")
-    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeats (HF convention)")
-    p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
-    p.add_argument("--stop", action="append", help="stop before this text (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
-
-
-def sampling_kwargs(args: argparse.Namespace) -> dict:
-    """The keyword arguments of Generator.generate that :func:`add_sampling_arguments` parsed."""
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                stop=args.stop, ignore_eos=args.ignore_eos)
 
 
 def summary_line(result, backend_name: str) -> str:
@@ -59,8 +43,9 @@ def _prompt(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from gptedge.runtime import load
 
+    options = sampling_options(args)
     generator = load(args.bundle, backend=args.backend, threads=args.threads)
-    kwargs = dict(sampling_kwargs(args), truncate_prompt=args.truncate_prompt)
+    kwargs = dict(truncate_prompt=args.truncate_prompt, options=options)
     if generator.tokenizer_info.kind == "none":  # no tokenizer to decode with: the ids are the output
         result = generator.generate(_prompt(args), **kwargs)
         sys.stdout.write(",".join(str(t) for t in result.tokens))

@@ -17,6 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from gptedge.runtime.graph import GraphIndex
+from gptedge.runtime.tolerances import GELU_CONSTANT_RTOL
 
 MS_DOMAIN = "com.microsoft"
 
@@ -87,7 +88,7 @@ def _rmsnorm_at(index: PatternIndex, x: str) -> tuple[list[onnx.NodeProto], str,
     sqrt = add and index.only_consumer(add.output[0], "Sqrt")
     div = sqrt and index.only_consumer(sqrt.output[0], "Div")
     mul = div and index.only_consumer(div.output[0], "Mul")
-    if not mul or div.input[0] != x or mul.input[0] != div.output[0] or not index.is_vector(mul.input[1]):
+    if not (mean and add and sqrt and div and mul) or div.input[0] != x or mul.input[0] != div.output[0] or not index.is_vector(mul.input[1]):
         return None
     epsilon = index.scalar(add.input[1])
     users = {id(n) for n in index.readers(x)}
@@ -150,16 +151,16 @@ def _tanh_gelu_nodes(index: PatternIndex, tanh: onnx.NodeProto) -> tuple[list[on
     inner = scale and index.made_by(_other(scale, index), "Add")
     cube_mul = inner and index.made_by(inner.input[1], "Mul")
     cube = cube_mul and index.made_by(_other(cube_mul, index), "Pow")
-    if not cube or index.scalar(cube.input[1]) != 3.0 or inner.input[0] != cube.input[0]:
+    if not (scale and inner and cube_mul and cube) or index.scalar(cube.input[1]) != 3.0 or inner.input[0] != cube.input[0]:
         return None
     x = cube.input[0]
     plus_one = index.only_consumer(tanh.output[0], "Add")
     half = plus_one and index.only_consumer(plus_one.output[0], "Mul")
     out = half and index.only_consumer(half.output[0], "Mul")
-    if not out or x not in out.input:
+    if not (plus_one and half and out) or x not in out.input:
         return None
     if not np.isclose(index.scalar(_const_input(half, index)) or 0, 0.5) or \
-            not np.isclose(index.scalar(_const_input(scale, index)) or 0, np.sqrt(2 / np.pi), rtol=1e-4):
+            not np.isclose(index.scalar(_const_input(scale, index)) or 0, np.sqrt(2 / np.pi), rtol=GELU_CONSTANT_RTOL):
         return None
     return [cube, cube_mul, inner, scale, tanh, plus_one, half, out], x
 

@@ -14,10 +14,6 @@ from gptedge.runtime.bundle import Architecture
 # numpy dtype of each manifest kv_cache_dtype
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
-# Largest logit difference allowed, relative to max |logit|, by the graph's arithmetic. Int8
-# activations (QDQ) turn the fused kernels' last-bit differences into whole rounding steps.
-PARITY_LIMITS = {"float32": 1e-3, "float16": 3e-2, "qdq": 5e-2}
-
 
 def check_parity(reference: Path, variant: Path, arch: Architecture, kv_dtype: str,
                  prompt: int = 5, decode_steps: int = 2, seed: int = 0) -> dict[str, float]:

@@ -36,7 +36,8 @@ from gptedge.runtime.bundle import Architecture
 from gptedge.runtime.errors import BundleError
 from gptedge.runtime.graph import GraphIndex, live_nodes, toposort
 from gptedge.runtime.ort import fusions
-from gptedge.runtime.ort.parity import NP_DTYPES, PARITY_LIMITS, check_parity
+from gptedge.runtime.ort.parity import NP_DTYPES, check_parity
+from gptedge.runtime.tolerances import ORT_VARIANT_PARITY_LIMITS
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def attach(folder: Path, files: dict[str, dict], arch: Architecture, precision: 
         return None
     parity = check_parity(Path(folder) / source, path, arch, kv_dtype)
     kind = "qdq" if parity["qdq"] else kv_dtype
-    limit = PARITY_LIMITS[kind] * max(1.0, parity["max_abs_logit"])
+    limit = ORT_VARIANT_PARITY_LIMITS[kind] * max(1.0, parity["max_abs_logit"])
     if not parity["max_abs_diff"] <= limit:  # also catches NaN
         path.unlink()
         log.warning("%s differs from %s by %.3g (limit %.3g); not written", ORT_MODEL_NAME, source,

@@ -89,7 +89,8 @@ class PinnedArray:
         nbytes = max(int(np.prod(shape)) * self.dtype.itemsize, 1)
         self.ptr = int(check(cudart().cudaMallocHost(nbytes), f"cudaMallocHost({nbytes})"))
         raw = (ctypes.c_byte * nbytes).from_address(self.ptr)
-        self.array = np.frombuffer(raw, dtype=self.dtype, count=int(np.prod(shape))).reshape(shape)
+        # numpy's stubs leave out ctypes arrays, which numpy reads through the buffer protocol
+        self.array = np.frombuffer(raw, dtype=self.dtype, count=int(np.prod(shape))).reshape(shape)  # type: ignore[call-overload]
 
     def free(self) -> None:
         if self.ptr:

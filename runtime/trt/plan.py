@@ -41,7 +41,7 @@ DESKTOP_RESERVE_GB = 1.0
 DEFAULT_WORKSPACE_MB = 512
 INT4_BLOCK = 128  # elements per fp16 scale in block-quantized int4 weights
 
-_DTYPE_BYTES = {TensorProto.FLOAT: 4.0, TensorProto.FLOAT16: 2.0, TensorProto.BFLOAT16: 2.0,
+_DTYPE_BYTES: dict[int, float] = {TensorProto.FLOAT: 4.0, TensorProto.FLOAT16: 2.0, TensorProto.BFLOAT16: 2.0,
                 TensorProto.DOUBLE: 8.0, TensorProto.INT64: 8.0, TensorProto.INT32: 4.0,
                 TensorProto.INT8: 1.0, TensorProto.UINT8: 1.0, TensorProto.INT4: 0.5,
                 TensorProto.UINT4: 0.5, TensorProto.FLOAT8E4M3FN: 1.0, TensorProto.BOOL: 1.0}

@@ -38,17 +38,22 @@ class Profile:
         return {"name": self.name, "shapes": {k: [list(s) for s in v] for k, v in sorted(self.shapes.items())}}
 
 
-def _kv(arch: Architecture, batch: tuple[int, int, int], past: tuple[int, int, int]) -> tuple[Shape, ...]:
-    return tuple((b, arch.num_kv_heads, p, arch.head_dim) for b, p in zip(batch, past))
+def _min_opt_max(shapes: list[Shape]) -> tuple[Shape, Shape, Shape]:
+    low, opt, high = shapes
+    return low, opt, high
+
+
+def _kv(arch: Architecture, batch: tuple[int, int, int], past: tuple[int, int, int]) -> tuple[Shape, Shape, Shape]:
+    return _min_opt_max([(b, arch.num_kv_heads, p, arch.head_dim) for b, p in zip(batch, past)])
 
 
 def _profile(name: str, arch: Architecture, batch: tuple[int, int, int], seq: tuple[int, int, int],
              past: tuple[int, int, int], total: tuple[int, int, int]) -> Profile:
-    ids = tuple((b, s) for b, s in zip(batch, seq))
+    ids = _min_opt_max([(b, s) for b, s in zip(batch, seq)])
     shapes: dict[str, tuple[Shape, Shape, Shape]] = {
         contract.INPUT_IDS: ids,
         contract.POSITION_IDS: ids,
-        contract.ATTENTION_MASK: tuple((b, t) for b, t in zip(batch, total)),
+        contract.ATTENTION_MASK: _min_opt_max([(b, t) for b, t in zip(batch, total)]),
     }
     for name_ in contract.past_names(arch.num_layers):
         shapes[name_] = _kv(arch, batch, past)

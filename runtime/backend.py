@@ -38,9 +38,10 @@ class Backend(Protocol):
         buffer: it is valid until the next ``step`` on the same state (copy it to keep it).
 
         Array-reuse rule (a performance contract both sides keep): for one-token decode steps the
-        generate loop passes the SAME ``input_ids``, ``attention_mask`` and ``position_ids``
-        objects every step, rewritten in place. A backend may recognise them by identity and keep
-        them bound instead of copying them in again (the onnxruntime backend does), so a caller
+        generate loop passes the SAME ``input_ids`` and ``position_ids`` objects every step,
+        rewritten in place (``attention_mask`` is a new, one column longer view of one buffer). A
+        backend may recognise them by identity and keep them bound instead of copying them in
+        again (the onnxruntime backend does), but must read their contents every step; a caller
         must never hand a backend a fresh array with the expectation of a rebind being skipped,
         nor mutate an array it passed except to prepare the next step of the same state."""
         ...

@@ -154,11 +154,13 @@ class OrtBackend:
     @staticmethod
     def _variant_positions(state: OrtState, input_ids: np.ndarray, position_ids: np.ndarray) -> bool:
         """Whether ``position_ids`` are what the variant derives its lengths from: each row's last
-        position is the cache length so far + S - 1. The arrays the generate loop keeps bound for
-        one-token steps are its own and always are (see _bind_token), so they are not re-read."""
-        if _still_bound(state, input_ids, position_ids):
-            return True
-        return bool((position_ids[:, -1] == state.length + input_ids.shape[1] - 1).all())
+        position is the cache length so far + S - 1. Arrays still bound (see _bind_token) are read
+        too: the caller rewrites them in place and may write other positions, which the portable
+        graph must then take. One row (the decode hot path) costs an item read, not a reduction."""
+        target = state.length + input_ids.shape[1] - 1
+        if position_ids.shape[0] == 1:
+            return position_ids.item(-1) == target
+        return bool((position_ids[:, -1] == target).all())
 
     def _step_in_place(self, state: OrtState, input_ids: np.ndarray, attention_mask: np.ndarray,
                        position_ids: np.ndarray) -> np.ndarray:

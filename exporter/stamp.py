@@ -28,7 +28,7 @@ from onnx import numpy_helper
 
 from gptedge.exporter.model import Decoder
 from gptedge.runtime import contract
-from gptedge.runtime.graph import sort_graph
+from gptedge.runtime.graph import GraphIndex, sort_graph
 from gptedge.runtime.onnx_io import SharedWeightsWriter
 
 log = logging.getLogger(__name__)
@@ -50,22 +50,17 @@ class _Layer:
                   for name in node.input[:1] if name not in self.made]
         self.stream_in = inputs[0] if inputs and len(set(inputs)) == 1 else None
 
-
     def _absorb_unscoped(self, graph: onnx.GraphProto) -> None:
         """Add the nodes torch left without a module scope (``/Split_2`` of a layer's ``chunk``)
         that read only this layer's tensors (or constants) and feed only this layer."""
-        readers: dict[str, list[str]] = {}
-        for node in graph.node:
-            for name in node.input:
-                readers.setdefault(name, []).append(node.name)
-        made_by = {out: node.name for node in graph.node for out in node.output}
+        index = GraphIndex(graph.node)
         while True:
             members = {node.name for node in self.nodes}
             made = {out for node in self.nodes for out in node.output}
             extra = [node for node in graph.node if node.name not in members and _unscoped(node)
                      and any(name in made for name in node.input)
-                     and all(name in made or name not in made_by for name in node.input)
-                     and all(set(readers.get(out, [])) <= members for out in node.output)]
+                     and all(name in made or name not in index.producer for name in node.input)
+                     and all({n.name for n in index.readers(out)} <= members for out in node.output)]
             if not extra:
                 return
             self.nodes.extend(extra)

@@ -109,15 +109,10 @@ def fold_cast_round_trips(model: onnx.ModelProto, kept_ops: set[str], kept_nodes
             rename[node.output[0]] = first.input[0]
     if not rename:
         return
-    graph_outputs = {value.name for value in model.graph.output}
     for node in model.graph.node:
         for i, name in enumerate(node.input):
             if name in rename:
                 node.input[i] = rename[name]
-    dead = {name for name in rename if name not in graph_outputs}
-    kept = [node for node in model.graph.node if not (node.op_type == "Cast" and node.output[0] in dead)]
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
     _drop_unused_casts(model)
 
 
@@ -130,7 +125,7 @@ def _computes_fp32(node: onnx.NodeProto | None, kept_ops: set[str], kept_nodes: 
 
 
 def _drop_unused_casts(model: onnx.ModelProto) -> None:
-    """Remove Cast nodes whose output nobody reads (left behind by the folding above)."""
+    """Remove Cast nodes whose output nobody reads: the folded pairs, second Cast first."""
     while True:
         read = {name for node in model.graph.node for name in node.input} | {v.name for v in model.graph.output}
         kept = [node for node in model.graph.node if node.op_type != "Cast" or node.output[0] in read]

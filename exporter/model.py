@@ -143,14 +143,12 @@ class Block(nn.Module):
 class Decoder(nn.Module):
     """Decoder-only transformer with an explicit KV cache.
 
-    ``last_logits_only`` makes the LM head run on the last position only (the prefill-speed graph);
     ``transposed_tied_table`` (export only) stores a tied embedding once, as the LM head's [C, V].
     """
 
-    def __init__(self, arch: Architecture, last_logits_only: bool = False):
+    def __init__(self, arch: Architecture):
         super().__init__()
         self.arch = arch
-        self.last_logits_only = last_logits_only
         self.transposed_tied_table = False  # set while exporting; see forward()
         self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size)
         if arch.position == "learned":
@@ -188,8 +186,6 @@ class Decoder(nn.Module):
         for layer, (past_k, past_v) in zip(self.layers, past_key_values):
             x, present_k, present_v = layer(x, cos, sin, bias, past_k, past_v)
             presents.append((present_k, present_v))
-        if self.last_logits_only:
-            x = x[:, -1:, :]
         x = self.norm(x)
         logits = x @ table_t if table_t is not None else self.lm_head(x)  # B, S, V
         return logits, presents

@@ -107,9 +107,9 @@ def _trace(decoder: Decoder, opset: int, writer: SharedWeightsWriter | None) -> 
 def last_position_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of the full-logits graph whose final norm and LM head see only the last position.
 
-    Equivalent to tracing the decoder with ``last_logits_only`` (``x[:, -1:, :]`` before the final
-    norm), at the cost of a protobuf copy instead of a second trace (torch.export's symbolic
-    shapes made each trace of a 30-layer model take 1.5 min). Logits become [batch, 1, vocab].
+    ``x[:, -1:, :]`` before the final norm, inserted as a Slice: a protobuf copy instead of a second
+    trace (torch.export's symbolic shapes made each trace of a 30-layer model take 1.5 min).
+    Logits become [batch, 1, vocab].
     """
     last = onnx.ModelProto()
     last.CopyFrom(model)

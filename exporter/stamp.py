@@ -116,8 +116,8 @@ def stamp_layers(model: onnx.ModelProto, params: dict[str, torch.Tensor], num_la
 
 def _stream_out(graph: onnx.GraphProto, layer: _Layer) -> str | None:
     """The tensor layer 1 makes that the rest of the graph (the final norm) reads."""
-    read_outside = {name for node in graph.node if node.name not in {n.name for n in layer.nodes}
-                    for name in node.input}
+    inside = {node.name for node in layer.nodes}
+    read_outside = {name for node in graph.node if node.name not in inside for name in node.input}
     outputs = {value.name for value in graph.output}
     candidates = (layer.made & read_outside) - outputs
     return candidates.pop() if len(candidates) == 1 else None

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -21,22 +20,12 @@ from gptedge.exporter.onnx_export import last_position_graph, trace_to_onnx
 from gptedge.exporter.preflight import preflight
 from gptedge.exporter.stages import stage
 from gptedge.runtime import contract
-from gptedge.runtime.bundle import (
-    MODEL_NAME,
-    Bundle,
-    Manifest,
-    atomic_output_dir,
-    check_output_dir,
-    load_bundle,
-    write_manifest,
-)
+from gptedge.runtime.bundle import MODEL_NAME, Bundle, Manifest, check_output_dir, load_bundle
+from gptedge.runtime.bundle_writer import LAST_MODEL_NAME, BundleWriter, source_role, tokenizer_role
 from gptedge.runtime.errors import InputError
-from gptedge.runtime.onnx_io import EXTERNAL_DATA_NAME, SharedWeightsWriter
-from gptedge.runtime.ort import variant as ort_variant
+from gptedge.runtime.onnx_io import SharedWeightsWriter
 
 log = logging.getLogger(__name__)
-
-LAST_MODEL_NAME = "model_last.onnx"
 
 
 def export(source: str | os.PathLike[str], config: ExportConfig, out_dir: str | os.PathLike[str]) -> Bundle:
@@ -71,14 +60,12 @@ def export_loaded(checkpoint: LoadedCheckpoint, config: ExportConfig,
         from gptedge.exporter.training.finetune import prune_and_recover
         decoder, pruned = prune_and_recover(decoder, checkpoint.tokenizer, config)
         arch = decoder.arch
-    with atomic_output_dir(out_dir, overwrite=config.overwrite) as tmp:
-        _write_graphs(decoder, config, tmp)
-        manifest = _manifest(checkpoint, arch, config)
+    with BundleWriter.create(out_dir, overwrite=config.overwrite) as writer:
+        _write_graphs(decoder, config, writer)
+        manifest = writer.manifest = _manifest(checkpoint, arch, config, writer)
         if pruned:
             manifest.history.append(pruned)
             manifest.precision["sparsity"] = {"method": config.prune_method, "fraction": config.sparsity}
-        _write_side_files(checkpoint, tmp)
-        write_manifest(tmp, manifest)
         reference = None
         if config.validate:
             reference = checkpoint.reference() if checkpoint.reference and not pruned else decoder
@@ -87,14 +74,13 @@ def export_loaded(checkpoint: LoadedCheckpoint, config: ExportConfig,
         if reference is not None:
             from gptedge.exporter.validate import check_parity
             with stage("parity"):
-                manifest.parity = check_parity(tmp, reference, arch, config.parity_noise_ratio,
+                manifest.parity = check_parity(writer.folder, reference, arch, config.parity_noise_ratio,
                                                config.parity_noise_floor)
             del reference
             gc.collect()
         if config.ort_variant:  # in a fresh interpreter: torch.export keeps ~2x the weights alive here
             with stage("onnxruntime variant"):
-                ort_variant.attach_isolated(tmp, manifest.files, arch, manifest.precision)
-        write_manifest(tmp, manifest)
+                writer.attach_ort_variant(isolated=True)
     return load_bundle(out_dir)
 
 
@@ -145,60 +131,42 @@ def _tied(arch) -> set[str]:
     return {"lm_head.weight"} if arch.tie_word_embeddings else set()
 
 
-def _write_graphs(decoder: Decoder, config: ExportConfig, folder: Path) -> None:
+def _write_graphs(decoder: Decoder, config: ExportConfig, bundle: BundleWriter) -> None:
     # One trace: the last-position graph is cut from the full one (a second trace took as long).
-    with SharedWeightsWriter(folder) as writer:
+    with SharedWeightsWriter(bundle.folder) as writer:
         with stage(f"trace {MODEL_NAME}"):
             model = trace_to_onnx(decoder, config.opset, writer)
         with stage(f"save {MODEL_NAME}"):
-            writer.save(model, MODEL_NAME)
+            writer.save(model, bundle.add_standard("model").name)
+        bundle.add_standard("weights")
         if config.last_logits_variant:
             with stage(f"save {LAST_MODEL_NAME}"):
-                writer.save(last_position_graph(model), LAST_MODEL_NAME)
+                writer.save(last_position_graph(model), bundle.add_standard("model_last").name)
         del model
         gc.collect()
 
 
-def _manifest(checkpoint: LoadedCheckpoint, arch, config: ExportConfig) -> Manifest:
-    files: dict[str, dict[str, Any]] = {
-        "model": {"path": MODEL_NAME, "portable": True,
-                  "purpose": "full-logits graph of the contract (parity, scoring, TensorRT)"},
-        "weights": {"path": EXTERNAL_DATA_NAME, "portable": True,
-                    "purpose": "external weight data shared by the graphs"},
-    }
-    if config.last_logits_variant:
-        files["model_last"] = {"path": LAST_MODEL_NAME, "portable": True,
-                               "purpose": "LM head on the last position only (generation)"}
-    tokenizer_info = checkpoint.tokenizer.info if checkpoint.tokenizer else None
-    for name in (checkpoint.tokenizer.files if checkpoint.tokenizer else {}):
-        files[f"tokenizer:{name}"] = {"path": name, "portable": True, "purpose": "tokenizer"}
-    for name in checkpoint.extra_files:
-        files[f"source:{name}"] = {"path": name, "portable": True, "purpose": "copied from the source"}
-    manifest = Manifest(architecture=arch, files=files, source=dict(checkpoint.source),
+def _manifest(checkpoint: LoadedCheckpoint, arch, config: ExportConfig, bundle: BundleWriter) -> Manifest:
+    """The manifest (without files) and the side files: tokenizer, source extras, chat template."""
+    side = checkpoint.tokenizer.files if checkpoint.tokenizer else {}
+    for name, data in side.items():
+        bundle.add(tokenizer_role(name), name, "tokenizer", data=data)
+    for name, data in checkpoint.extra_files.items():
+        bundle.add(source_role(name), name, "copied from the source", data=data)
+    manifest = Manifest(architecture=arch, source=dict(checkpoint.source),
                         io=contract.io_description(arch.num_layers, arch.num_kv_heads, arch.head_dim,
                                                    arch.vocab_size),
                         tools=tool_versions(), history=[{"step": "export", "opset": config.opset}])
-    if tokenizer_info is not None:
-        manifest.tokenizer = tokenizer_info
+    if checkpoint.tokenizer is not None:
+        manifest.tokenizer = checkpoint.tokenizer.info
     template = checkpoint.chat_template
     if template:
-        side = checkpoint.tokenizer.files if checkpoint.tokenizer else {}
         tok_cfg = json.loads(side["tokenizer_config.json"]) if "tokenizer_config.json" in side else {}
         manifest.tokenizer = template_tokenizer_info(manifest.tokenizer, template, side.get("tokenizer.json"),
                                                      tok_cfg if isinstance(tok_cfg, dict) else {})
-        files[f"tokenizer:{TEMPLATE_NAME}"] = {"path": TEMPLATE_NAME, "portable": True,
-                                               "purpose": "Jinja chat template"}
+        bundle.add(tokenizer_role(TEMPLATE_NAME), TEMPLATE_NAME, "Jinja chat template",
+                   data=template.encode("utf-8"))
     return manifest
-
-
-def _write_side_files(checkpoint: LoadedCheckpoint, folder: Path) -> None:
-    files = dict(checkpoint.extra_files)
-    if checkpoint.tokenizer:
-        files.update(checkpoint.tokenizer.files)
-    if checkpoint.chat_template:
-        files[TEMPLATE_NAME] = checkpoint.chat_template.encode("utf-8")
-    for name, data in files.items():
-        (folder / name).write_bytes(data)
 
 
 def tool_versions() -> dict[str, str]:

@@ -18,16 +18,9 @@ from gptedge.quantize.graph_utils import untie_linear_weights
 from gptedge.quantize.job import Job
 from gptedge.quantize.registry import handler_for
 from gptedge.quantize.text import encode, read_text, require_tokens, split_held_out
-from gptedge.runtime.bundle import (
-    Bundle,
-    Manifest,
-    atomic_output_dir,
-    check_output_dir,
-    load_bundle,
-    write_manifest,
-)
+from gptedge.runtime.bundle import MODEL_NAME, Bundle, Manifest, check_output_dir, load_bundle
+from gptedge.runtime.bundle_writer import ORT_ROLE, SIZE_ROLES, BundleWriter
 from gptedge.runtime.errors import InputError, QualityGateError
-from gptedge.runtime.ort import variant as ort_variant
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +56,14 @@ def quantize(bundle_dir: str | os.PathLike[str], config: QuantConfig, out_dir: s
         for graph in job.graphs.values():
             untie_linear_weights(graph)
     handler_for(config)(job, config)
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        manifest = _write(source, job, tmp)
+    with BundleWriter.create(out_dir, overwrite=overwrite) as writer:
+        manifest = _write(source, job, writer)
         entry: dict[str, Any] = {"step": "quantize", "config": config_record(config), **job.record}
         manifest.history.append(entry)
-        write_manifest(tmp, manifest)
         if eval_ids is None:
             log.warning("no --eval or --calib text: the quality gate is skipped for %s", out_dir)
         else:
-            entry["quality"] = measure(source, load_bundle(tmp), eval_ids, budget)
-            write_manifest(tmp, manifest)
+            entry["quality"] = measure(source, writer.bundle(), eval_ids, budget)
             _gate(entry["quality"])
     return load_bundle(out_dir)
 
@@ -97,27 +88,31 @@ def _texts(bundle: Bundle, calib_text, eval_text, max_tokens: int | None):
     return calib_ids, eval_ids
 
 
-def _write(source: Bundle, job: Job, folder: Path) -> Manifest:
+def _write(source: Bundle, job: Job, writer: BundleWriter) -> Manifest:
+    """Save the job's graphs, copy the source's other files (the ORT variant is rebuilt for the new
+    graphs) and set the writer's manifest: the source's, with the job's architecture/precision/io."""
     files = source.manifest.files
-    paths = {folder / files[role]["path"] if role in files else folder / "model.onnx": model
-             for role, model in job.graphs.items()}
-    paths = dict(sorted(paths.items(), key=lambda item: item[0].name != "model.onnx"))
-    save_graphs_shared(paths, EXTERNAL_DATA_NAME)
-    graph_paths = {files[r]["path"] for r in job.graphs if r in files} | {EXTERNAL_DATA_NAME, "model.onnx"}
+    paths = {role: writer.folder / (files[role]["path"] if role in files else MODEL_NAME) for role in job.graphs}
+    save_graphs_shared({paths[role]: job.graphs[role]
+                        for role in sorted(paths, key=lambda role: paths[role].name != MODEL_NAME)},
+                       EXTERNAL_DATA_NAME)
+    written = {path.name for path in paths.values()} | {EXTERNAL_DATA_NAME}
     for role, entry in files.items():
-        if entry["path"] not in graph_paths and role != ort_variant.ROLE:  # rebuilt below
-            shutil.copy2(source.path / entry["path"], folder / entry["path"])
-    for path in paths:
+        if role == ORT_ROLE:
+            continue
+        if entry["path"] not in written:
+            shutil.copy2(source.path / entry["path"], writer.folder / entry["path"])
+        writer.add_entry(role, entry)
+    for path in paths.values():
         onnx.checker.check_model(str(path), full_check=False)
-    manifest = Manifest.from_dict(source.manifest.to_dict())
+    import onnxruntime
+    writer.manifest = manifest = Manifest.from_dict({**source.manifest.to_dict(), "files": {}})
     manifest.architecture = job.architecture
     manifest.precision = job.precision
     manifest.io = job.io
     manifest.parity = None  # parity was against the float source; quality is in history
-    manifest.files.pop(ort_variant.ROLE, None)
-    ort_variant.attach(folder, manifest.files, job.architecture, manifest.precision)
-    import onnxruntime
     manifest.tools = {**manifest.tools, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    writer.attach_ort_variant()
     return manifest
 
 
@@ -147,6 +142,6 @@ def bundle_size_mb(bundle: Bundle) -> float:
     """Size in MB (1e6 bytes) of the graphs and weights (tokenizer files excluded)."""
     total = 0
     for role, entry in bundle.manifest.files.items():
-        if role in ("model", "model_last", "weights", ort_variant.ROLE):
+        if role in SIZE_ROLES:
             total += (bundle.path / entry["path"]).stat().st_size
     return total / 1e6

@@ -14,10 +14,10 @@ import onnx
 import onnxruntime as ort
 
 from gptedge.runtime.bundle import Bundle
+from gptedge.runtime.bundle_writer import GRAPH_ROLES
 from gptedge.runtime.errors import BundleError
 from gptedge.runtime.onnx_io import EXTERNAL_DATA_NAME, SharedWeightsWriter
 
-GRAPH_ROLES = ("model", "model_last")
 _PROTO_LIMIT = 1_800_000_000  # protobuf cannot serialize 2 GiB; bigger graphs go through a file
 
 

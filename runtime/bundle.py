@@ -266,7 +266,12 @@ def load_bundle(bundle_dir: str | os.PathLike[str]) -> Bundle:
         raise BundleError(f"{root}: bundle folder does not exist")
     if not root.is_dir():
         raise BundleError(f"{root}: is a file, expected a bundle folder made by `gptedge export`")
-    manifest = read_manifest(root)
+    return checked_bundle(root, read_manifest(root))
+
+
+def checked_bundle(root: Path, manifest: Manifest) -> Bundle:
+    """``root`` with ``manifest`` as a :class:`Bundle`, once every listed file is there and every
+    graph's external data stays inside ``root`` (the checks :func:`load_bundle` runs)."""
     for role, entry in manifest.files.items():
         if not (root / entry["path"]).is_file():
             raise BundleError(f"{root / entry['path']}: file for '{role}' listed in manifest.json is "
@@ -282,8 +287,14 @@ def load_bundle(bundle_dir: str | os.PathLike[str]) -> Bundle:
 
 
 def write_manifest(bundle_dir: Path, manifest: Manifest) -> None:
+    """Write ``manifest.json`` into ``bundle_dir`` (a temporary name first, then a rename, so a
+    reader never sees half a manifest). Bundles are finished by
+    :class:`~gptedge.runtime.bundle_writer.BundleWriter`, which checks the manifest first."""
     text = json.dumps(manifest.to_dict(), indent=2, sort_keys=False)
-    (Path(bundle_dir) / MANIFEST_NAME).write_text(text + "\n", encoding="utf-8")
+    path = Path(bundle_dir) / MANIFEST_NAME
+    partial = path.with_name(MANIFEST_NAME + ".partial")
+    partial.write_text(text + "\n", encoding="utf-8")
+    os.replace(partial, path)
 
 
 def check_output_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:

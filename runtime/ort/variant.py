@@ -24,8 +24,11 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import onnx
@@ -98,12 +101,30 @@ def unsupported(arch: Architecture) -> str | None:
     return None
 
 
-def attach(folder: Path, files: dict[str, dict], arch: Architecture, precision: dict) -> dict | None:
+@dataclass(frozen=True)
+class VariantResult:
+    """What :func:`attach` hands the bundle writer: the file-table ``entries`` to add (role ->
+    entry) and the ``parity`` figures of the check against the graph the variant was built from."""
+
+    entries: Mapping[str, Mapping[str, Any]]
+    parity: Mapping[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"entries": {role: dict(entry) for role, entry in self.entries.items()}, "parity": dict(self.parity)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VariantResult:
+        entries = {role: MappingProxyType(dict(entry)) for role, entry in data["entries"].items()}
+        return cls(MappingProxyType(entries), MappingProxyType(dict(data["parity"])))
+
+
+def attach(folder: Path, files: Mapping[str, Mapping[str, Any]], arch: Architecture,
+           precision: Mapping[str, Any]) -> VariantResult | None:
     """Write ``model_ort.onnx`` into the bundle being built in ``folder`` from its last-position
-    graph (``files``: the manifest's file table, ``precision``: its precision section), check it
-    against that graph with onnxruntime and add it to ``files``. Returns the parity figures, or
-    None (and writes nothing) when the architecture or graph does not allow the variant; the
-    portable graphs serve alone then."""
+    graph (``files``: the file table so far, read only; ``precision``: the manifest's precision
+    section) and check it against that graph with onnxruntime. Returns the entry to record and the
+    parity figures, or None (and writes nothing) when the architecture or graph does not allow the
+    variant; the portable graphs serve alone then."""
     source = (files.get("model_last") or files["model"])["path"]
     kv_dtype = str(precision.get("kv_cache_dtype", "float32"))
     reason = unsupported(arch)
@@ -123,32 +144,32 @@ def attach(folder: Path, files: dict[str, dict], arch: Architecture, precision: 
         log.warning("%s differs from %s by %.3g (limit %.3g); not written", ORT_MODEL_NAME, source,
                     parity["max_abs_diff"], limit)
         return None
-    files[ROLE] = {**MANIFEST_ENTRY, "parity_max_abs_diff": parity["max_abs_diff"]}
-    return parity
+    entry = {**MANIFEST_ENTRY, "parity_max_abs_diff": parity["max_abs_diff"]}
+    return VariantResult.from_dict({"entries": {ROLE: entry}, "parity": parity})
 
 
-def attach_isolated(folder: Path, files: dict[str, dict], arch: Architecture, precision: dict) -> dict | None:
-    """:func:`attach` in a child interpreter (same arguments and effect on ``files``). For the
-    exporter: after tracing, torch keeps FX graphs holding ~2.4x the weights alive in its process
-    (GPT-2 124M: 1.2 GB), and the check's onnxruntime session would stack on top of them (export
-    peak RSS 3.7x instead of 3.0x the weights)."""
-    payload = json.dumps({"folder": str(folder), "files": files, "arch": arch.to_dict(), "precision": precision})
+def attach_isolated(folder: Path, files: Mapping[str, Mapping[str, Any]], arch: Architecture,
+                    precision: Mapping[str, Any]) -> VariantResult | None:
+    """:func:`attach` in a child interpreter (same arguments and result). For the exporter: after
+    tracing, torch keeps FX graphs holding ~2.4x the weights alive in its process (GPT-2 124M:
+    1.2 GB), and the check's onnxruntime session would stack on top of them (export peak RSS 3.7x
+    instead of 3.0x the weights)."""
+    payload = json.dumps({"folder": str(folder), "files": {role: dict(entry) for role, entry in files.items()},
+                          "arch": arch.to_dict(), "precision": dict(precision)})
     done = subprocess.run([sys.executable, "-m", "gptedge.runtime.ort.variant"], input=payload,
                           capture_output=True, text=True)
     if done.returncode:
         raise BundleError(f"{folder}: building {ORT_MODEL_NAME} failed in its child process: "
                           f"{done.stderr.strip()[-2000:]}; re-export with --no-ort-variant and report this")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    for level, message in result["log"]:
+    reply = json.loads(done.stdout.strip().splitlines()[-1])
+    for level, message in reply["log"]:
         log.log(level, "%s", message)
-    files.clear()
-    files.update(result["files"])
-    return result["parity"]
+    return None if reply["result"] is None else VariantResult.from_dict(reply["result"])
 
 
 def _child_main() -> None:
     """``python -m gptedge.runtime.ort.variant``: attach() on the JSON read from stdin; prints
-    ``{"files", "parity", "log"}`` as the last stdout line."""
+    ``{"result", "log"}`` as the last stdout line."""
     request = json.loads(sys.stdin.read())
     records: list[tuple[int, str]] = []
 
@@ -159,10 +180,11 @@ def _child_main() -> None:
     log.addHandler(_Keep())
     log.setLevel(logging.INFO)
     log.propagate = False
-    files = request["files"]
-    parity = attach(Path(request["folder"]), files, Architecture.from_dict(request["arch"]), request["precision"])
+    result = attach(Path(request["folder"]), request["files"], Architecture.from_dict(request["arch"]),
+                    request["precision"])
     # the reply to attach_isolated (a machine protocol on stdout, not a message to the user)
-    sys.stdout.write(json.dumps({"files": files, "parity": parity, "log": records}) + "\n")
+    reply = {"result": None if result is None else result.to_dict(), "log": records}
+    sys.stdout.write(json.dumps(reply) + "\n")
 
 
 class _Shared:

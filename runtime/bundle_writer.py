@@ -20,6 +20,8 @@ in-memory view of the folder and the manifest so far.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -31,6 +33,7 @@ from gptedge.runtime import contract
 from gptedge.runtime.bundle import (
     MANIFEST_NAME,
     MODEL_NAME,
+    SCHEMA_PATH,
     Bundle,
     Manifest,
     atomic_output_dir,
@@ -40,7 +43,6 @@ from gptedge.runtime.bundle import (
 )
 from gptedge.runtime.errors import BundleError
 from gptedge.runtime.onnx_io import EXTERNAL_DATA_NAME
-from gptedge.runtime.schema import validate_manifest
 
 if TYPE_CHECKING:
     from gptedge.runtime.ort.variant import VariantResult
@@ -153,7 +155,7 @@ class BundleWriter:
         manifest = self._with_files()
         data = manifest.to_dict()
         where = str(self.folder / MANIFEST_NAME)
-        validate_manifest(data, where)
+        _check_against_schema(data, where)
         Manifest.from_dict(data, where)  # the reader's own rules too: what is written can be read back
         checked_bundle(self.folder, manifest)
         write_manifest(self.folder, manifest)
@@ -172,3 +174,24 @@ class BundleWriter:
             raise BundleError(f"{self.folder}: the manifest given to the writer lists files; record them "
                               "with writer.add*/add_standard instead (the writer owns the file table)")
         return self.manifest
+
+
+def _check_against_schema(data: dict[str, Any], where: str) -> None:
+    """Validate with the jsonschema package where it is installed (export and dev installs have it);
+    a lean runtime install keeps the reader's structural checks, which run in every case."""
+    try:
+        import jsonschema
+    except ImportError:
+        return
+    errors = sorted(jsonschema.Draft202012Validator(manifest_schema()).iter_errors(data), key=str)
+    if errors:
+        problems = "; ".join(f"{'/'.join(map(str, e.absolute_path)) or 'manifest'}: {e.message}"
+                             for e in errors[:8])
+        raise BundleError(f"{where}: the manifest does not match manifest.schema.json ({problems}); "
+                          "this is a gptedge bug, please report it")
+
+
+@functools.lru_cache(maxsize=1)
+def manifest_schema() -> dict[str, Any]:
+    """The published schema, parsed once."""
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))

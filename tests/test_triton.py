@@ -198,3 +198,61 @@ def test_sequences_batched_in_one_execution_equal_generate(onnx_model, llama_bun
     assert set(emulator.executions) == {2}  # every step of both ran as one batch of 2
     for i, prompt in enumerate(prompts):
         assert results[i] == generator.generate(prompt, max_new_tokens=6, ignore_eos=True).tokens
+
+
+# -- the python model under a real tritonserver (PyTriton's binary) -------------------------------------
+def stream_request(url: str, model: str, inputs: dict[str, np.ndarray]) -> list[dict[str, object]]:
+    """Send one request on a gRPC stream; return its responses ({output name: value}, or {"error": ...})."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    tensors = []
+    for name, array in inputs.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), "BYTES" if array.dtype == object else
+                                       {np.int64: "INT64", np.int32: "INT32", np.float32: "FP32"}[array.dtype.type])
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    client.async_stream_infer(model, tensors)
+    out: list[dict[str, object]] = []
+    try:
+        while True:
+            result, error = answers.get(timeout=60)
+            if error is not None:
+                out.append({"error": str(error)})
+                return out
+            out.append({"text": result.as_numpy("text_output")[0].decode(), "ids": result.as_numpy("token_ids").tolist(),
+                        "finish": result.as_numpy("finish_reason")[0].decode()})
+            if out[-1]["finish"]:
+                return out
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def test_python_model_streams_under_tritonserver(char_bundle, tmp_path):
+    from tritonserver_helper import TritonServer, unavailable
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    write_repository(char_bundle, TritonConfig(threads=1, instances=1, link=True), tmp_path / "repo")
+    with TritonServer(tmp_path / "repo", tmp_path) as server:
+        text = {"text_input": np.array([b"hello"], dtype=object), "max_tokens": np.array([12], dtype=np.int32)}
+        responses = stream_request(server.grpc_url, "gptedge", text)
+        ids = {"input_ids": np.array(PROMPTS[1], dtype=np.int64), "max_tokens": np.array([5], dtype=np.int32),
+               "temperature": np.array([0.7], dtype=np.float32), "seed": np.array([4], dtype=np.int64)}
+        sampled = stream_request(server.grpc_url, "gptedge", ids)
+        bad = stream_request(server.grpc_url, "gptedge", {"max_tokens": np.array([3], dtype=np.int32)})
+    with load(char_bundle, backend="ort-cpu", threads=1) as gen:
+        reference = gen.generate("hello", max_new_tokens=12)
+        reference_sampled = gen.generate(PROMPTS[1], max_new_tokens=5, temperature=0.7, seed=4)
+    assert len(responses) > 1  # streamed, not one answer at the end
+    assert [t for r in responses for t in r["ids"]] == reference.tokens
+    assert "".join(r["text"] for r in responses) == reference.text
+    assert [r["finish"] for r in responses] == [""] * (len(responses) - 1) + [reference.finish_reason]
+    assert [t for r in sampled for t in r["ids"]] == reference_sampled.tokens
+    assert len(bad) == 1 and "no prompt" in bad[0]["error"]

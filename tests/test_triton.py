@@ -92,6 +92,15 @@ def test_onnx_step_config_declares_the_kv_cache_as_implicit_state(onnx_model, ll
                for s in states)
     assert config.sequence_batching.HasField("oldest")
     assert config.instance_group[0].count == 2
+    from google.protobuf import text_format
+
+    from gptedge.runtime.triton.config import Instances, step_model_config
+
+    fp16 = text_format.Parse(step_model_config("h", "onnxruntime_onnx", arch, "float16", None, 1, Instances(), "m.onnx",
+                                               3), mc.ModelConfig())
+    assert {s.data_type for s in fp16.sequence_batching.state} == {mc.TYPE_FP16}
+    assert list(fp16.output[0].dims) == [-1, arch.vocab_size]  # a full-logits graph
+    assert fp16.sequence_batching.oldest.max_candidate_sequences == 3
 
 
 def test_tensorrt_repository_takes_the_plan_without_gptedge_header(llama_bundle, tmp_path):

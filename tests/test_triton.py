@@ -30,11 +30,14 @@ PROMPTS = [[5, 17, 33, 2], [9, 1, 60, 44, 12, 7, 3]]
 
 
 def with_char_tokenizer(bundle: Path, out: Path) -> Path:
-    """A copy of ``bundle`` with a char tokenizer of its 96 ids (printable ASCII)."""
+    """A copy of ``bundle`` with a char tokenizer of its 96 ids (printable ASCII) and a chat template."""
     shutil.copytree(bundle, out)
     (out / "tokenizer.char.json").write_text(json.dumps({"itos": [chr(c) for c in range(32, 128)]}))
+    (out / "chat_template.jinja").write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} "
+                                             "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
     manifest = read_manifest(out)
-    manifest.tokenizer = type(manifest.tokenizer)(kind="char", file="tokenizer.char.json", vocab_size=96)
+    manifest.tokenizer = type(manifest.tokenizer)(kind="char", file="tokenizer.char.json", vocab_size=96,
+                                                  chat_template="chat_template.jinja")
     write_manifest(out, manifest)
     return out
 
@@ -171,6 +174,18 @@ def test_emulated_step_model_equals_generate(onnx_model, llama_bundle, generator
     assert one.tokens == generator.generate(PROMPTS[0], max_new_tokens=1).tokens and client.transport.states == {}
     with pytest.raises(GenerationError, match="context"):
         client.generate(list(range(60)), max_new_tokens=4)  # 64 - 1 slot for the zero state
+
+
+def test_step_client_chat_and_text_equal_the_generator(onnx_model, char_bundle):
+    client = StepClient(char_bundle, SequenceBatcherEmulator(onnx_model))  # same weights as llama_bundle
+    messages = [{"role": "user", "content": "hi there"}]
+    with load(char_bundle, backend="ort-cpu", threads=1) as gen:
+        reference = gen.chat(messages, max_new_tokens=6)
+        assert client.chat(messages, max_new_tokens=6).tokens == reference.tokens
+        stop = gen.generate("abc", max_new_tokens=12).text[5:7]  # char tokenizer: one character per token
+        stopped = client.generate("abc", max_new_tokens=12, stop=[stop])
+        assert (stopped.text, stopped.finish_reason) == (gen.generate("abc", max_new_tokens=12, stop=[stop]).text, "stop")
+    assert client.transport.states == {}  # the early stop ended its sequence with one more request
 
 
 def test_two_interleaved_sequences_keep_their_own_state(onnx_model, llama_bundle, generator):

@@ -119,8 +119,12 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 self._answer(pb_utils, request, sender, final)
-            except GptEdgeError as exc:
+            except GptEdgeError as exc:  # the client's mistake (bad input, prompt too long ...): say so
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))), flags=final)
+            except Exception as exc:  # noqa: BLE001 - a bug: end this stream (never leave it open), log it
+                log.exception("gptedge model: request failed")
+                message = f"internal error {type(exc).__name__}: {exc} (a gptedge bug; see the server log)"
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=final)
 
     def _answer(self, pb_utils: Any, request: Any, sender: Any, final: int) -> None:
         def get(name: str) -> np.ndarray | None:

@@ -18,7 +18,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -185,3 +185,10 @@ class StepClient:
             sequence.close(row.tokens[-1] if row.tokens else None)
         row.end_of_budget()
         return row.result(start)
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], **sampling: Any) -> GenerationResult:
+        """The assistant's reply to ``messages``, rendered with the bundle's chat template (as
+        :meth:`Generator.chat`)."""
+        from gptedge.runtime.chat import chat_ids
+
+        return self.generate(chat_ids(self.generator, messages), **sampling)

@@ -138,6 +138,15 @@ def check_external_data(model_path: Path, root: Path | None = None) -> None:
                               f"only {size}; the file is truncated: copy the whole bundle folder again")
 
 
+def external_data_locations(model_path: Path) -> list[str]:
+    """The files (relative to the graph's folder) holding a graph's external data, sorted; the
+    graph itself is read without them. Call :func:`check_external_data` first on untrusted graphs."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    return sorted({entry.value for tensor in _stored_tensors(model.graph)
+                   if tensor.data_location == onnx.TensorProto.EXTERNAL
+                   for entry in tensor.external_data if entry.key == "location"})
+
+
 def _stored_tensors(graph: onnx.GraphProto):
     """Every TensorProto a graph stores: initializers, sparse ones, attribute tensors, subgraphs."""
     yield from graph.initializer

@@ -31,6 +31,7 @@ COMMANDS: list[tuple[str, str, str | None]] = [
     ("lint", "gptedge.runtime.cli.lint_cmd", None),
     ("plan", "gptedge.runtime.cli.plan_cmd", None),
     ("build", "gptedge.runtime.cli.build_cmd", None),
+    ("triton", "gptedge.runtime.cli.triton_cmd", None),
     ("demo", "gptedge.runtime.cli.demo_cmd", "export"),
 ]
 

@@ -71,8 +71,10 @@ class Attention(nn.Module):
         self.out = nn.Linear(self.n_head * self.head_dim, arch.hidden_size, bias=arch.attn_out_bias)
         if arch.qk_norm != "none":  # per head (Qwen3) or over all heads' features (OLMo 2)
             per_head = arch.qk_norm == "head"
-            self.q_norm = RMSNorm(self.head_dim if per_head else self.n_head * self.head_dim, arch.norm_eps)
-            self.k_norm = RMSNorm(self.head_dim if per_head else self.n_kv * self.head_dim, arch.norm_eps)
+            size = self.head_dim if per_head else self.n_head * self.head_dim
+            self.q_norm = RMSNorm(size, arch.norm_eps, arch.norm_offset)
+            self.k_norm = RMSNorm(self.head_dim if per_head else self.n_kv * self.head_dim, arch.norm_eps,
+                                  arch.norm_offset)
 
     def forward(self, x, cos, sin, bias, past_k, past_v):
         B, S, _ = x.shape

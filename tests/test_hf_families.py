@@ -37,6 +37,12 @@ CASES: dict[str, tuple[str, dict, bool]] = {
                                                "original_max_position_embeddings": 16}), True),
     "llama-longrope": ("llama", dict(rope_scaling=LONGROPE, original_max_position_embeddings=16), False),
     "llama-dynamic": ("llama", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), True),
+    "gemma": ("gemma", dict(tie_word_embeddings=True), True),
+    "gemma2-window-softcap": ("gemma2", dict(sliding_window=WINDOW, query_pre_attn_scalar=24, tie_word_embeddings=True,
+                                             attn_logit_softcapping=5.0, final_logit_softcapping=3.0), True),
+    "gemma3-window-local-rope": ("gemma3_text", dict(sliding_window=WINDOW, query_pre_attn_scalar=24,
+                                                     rope_local_base_freq=100.0, tie_word_embeddings=True,
+                                                     rope_scaling={"rope_type": "linear", "factor": 2.0}), False),
 }
 
 
@@ -57,12 +63,14 @@ def tiny_folder(path: Path, model_type: str, **overrides) -> Path:
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=torch.float32)
+    tied = model.config.tie_word_embeddings
     with torch.no_grad():
-        for param in model.parameters():
+        for name, param in model.named_parameters():
             if param.dim() == 1:
                 param.add_(torch.randn_like(param) * 0.2)
-            else:  # a wider init than 0.02 keeps greedy decoding of a random model off one repeated token
-                param.normal_(0.0, 0.15)
+            else:  # wider than the usual 0.02, which greedy-decodes a random model into one repeated token;
+                # a tied table also feeds the head, where that width makes one token win every step
+                param.normal_(0.0, 0.02 if tied and "embed" in name else 0.15)
     model.save_pretrained(path)
     small_tokenizer().save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "eos_token": "</s>"}))

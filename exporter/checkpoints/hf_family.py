@@ -88,10 +88,11 @@ def activation(cfg: dict[str, Any], where: Path, key: str, allowed: dict[str, st
 
 
 def sliding(cfg: dict[str, Any], context: int, layers_default: list[int] | None = None,
-            enabled: bool = True) -> dict[str, Any]:
+            enabled: bool = True, keep: bool = False) -> dict[str, Any]:
     """``sliding_window`` / ``sliding_layers`` keywords: the window of ``cfg`` applied to the layers
     its ``layer_types`` marks ``sliding_attention`` (without that list: ``layers_default``, None
-    meaning every layer). A window that cannot cut inside ``context`` tokens is left out."""
+    meaning every layer). A window that cannot cut inside ``context`` tokens is left out, unless
+    ``keep`` (the family needs to know its sliding layers anyway)."""
     window = cfg.get("sliding_window")
     if not enabled or window is None:
         return {}
@@ -101,6 +102,6 @@ def sliding(cfg: dict[str, Any], context: int, layers_default: list[int] | None 
         layers: list[int] | None = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
     else:
         layers = layers_default
-    if layers == [] or int(window) >= context:
+    if layers == [] or (int(window) >= context and not keep):
         return {}
     return {"sliding_window": int(window), "sliding_layers": None if layers is None or len(layers) == count else layers}

@@ -213,7 +213,7 @@ class Decoder(nn.Module):
         presents = []
         for i, (layer, (past_k, past_v)) in enumerate(zip(self.layers, past_key_values)):
             local = self.arch.rope_local_theta is not None and self.arch.window_of(i) is not None
-            cos, sin = rope["local" if local else "global"]
+            cos, sin = rope["local" if local else "global"] if i not in (self.arch.nope_layers or ()) else (None, None)
             x, present_k, present_v = layer(x, cos, sin, biases[self.arch.window_of(i)], past_k, past_v)
             presents.append((present_k, present_v))
         x = self.norm(x)

@@ -42,7 +42,8 @@ class Architecture:
 
     Family switches (defaults: GPT-2 / Llama behaviour): ``sliding_window`` W makes a query attend
     to its W most recent cache entries (itself included) in the layers ``sliding_layers`` (None: all),
-    whose RoPE base is ``rope_local_theta`` when set (Gemma 3). ``qk_norm`` RMS-normalises q and k
+    whose RoPE base is ``rope_local_theta`` when set (Gemma 3); ``nope_layers`` use no position
+    encoding at all (SmolLM3). ``qk_norm`` RMS-normalises q and k
     per head (``"head"``, Qwen3) or over all heads (``"all"``, OLMo 2). ``norm_offset`` is added to
     norm weights (Gemma's ``1 + w``); ``norm_placement`` ``"pre_post"`` also normalises each
     sub-block's output (Gemma 2/3), ``"post"`` only its output (OLMo 2). ``embed_scale`` multiplies
@@ -73,6 +74,7 @@ class Architecture:
     sliding_window: int | None = None
     sliding_layers: list[int] | None = None
     rope_local_theta: float | None = None
+    nope_layers: list[int] | None = None
     qk_norm: str = "none"
     norm_offset: float = 0.0
     norm_placement: str = "pre"
@@ -119,10 +121,11 @@ class Architecture:
         window = self.sliding_window
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
             problems.append(f"sliding_window={window!r} must be a positive integer or null")
-        layers = self.sliding_layers
-        if layers is not None and (not isinstance(layers, list) or
-                                   not all(isinstance(i, int) and 0 <= i < self.num_layers for i in layers)):
-            problems.append(f"sliding_layers={layers!r} must list layer indices below num_layers")
+        for name in ("sliding_layers", "nope_layers"):
+            layers = getattr(self, name)
+            if layers is not None and (not isinstance(layers, list) or
+                                       not all(isinstance(i, int) and 0 <= i < self.num_layers for i in layers)):
+                problems.append(f"{name}={layers!r} must list layer indices below num_layers")
         optional = ("rope_local_theta", "attn_scale", "attn_softcap", "logit_softcap")
         for name in ("embed_scale", "residual_scale", "logit_divisor", *optional):
             value = getattr(self, name)

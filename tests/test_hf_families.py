@@ -43,6 +43,15 @@ CASES: dict[str, tuple[str, dict, bool]] = {
     "gemma3-window-local-rope": ("gemma3_text", dict(sliding_window=WINDOW, query_pre_attn_scalar=24,
                                                      rope_local_base_freq=100.0, tie_word_embeddings=True,
                                                      rope_scaling={"rope_type": "linear", "factor": 2.0}), False),
+    "phi3-longrope-window": ("phi3", dict(sliding_window=WINDOW, rope_scaling={"type": "su", **{
+        k: LONGROPE[k] for k in ("short_factor", "long_factor")}},
+                                          original_max_position_embeddings=16), False),
+    "granite-multipliers": ("granite", dict(embedding_multiplier=3.0, residual_multiplier=0.5,
+                                            attention_multiplier=0.2, logits_scaling=2.5), True),
+    "olmo2-post-norms": ("olmo2", dict(), False),
+    "smollm3-nope-window": ("smollm3", dict(no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=WINDOW),
+                            True),
+    "starcoder2-window": ("starcoder2", dict(sliding_window=WINDOW, use_bias=True, norm_epsilon=1e-5), True),
 }
 
 
@@ -115,7 +124,7 @@ def test_greedy_tokens_equal_transformers_generate_and_batch_equals_single(case)
     try:
         single = generator.generate(PROMPT, max_new_tokens=NEW_TOKENS, ignore_eos=True)
         assert single.tokens == want
-        if name == "llama-longrope":
+        if "longrope" in name:
             return  # LongRoPE picks its factors from the batch's longest row, so a batch differs by design
         short = PROMPT[:9]
         batch = generator.generate([PROMPT, short], max_new_tokens=NEW_TOKENS, ignore_eos=True)

@@ -241,7 +241,7 @@ def _attention_node(index: GraphIndex, arch: Architecture, layer: int,
     if len(split.output) != 3:
         raise VariantError(f"layer {layer}: the QKV split has {len(split.output)} outputs, expected 3")
     attn_output = _attention_output(index.consumers, value_out, layer)
-    rotary = arch.position == "rope"
+    rotary = arch.position == "rope" and layer not in (arch.nope_layers or ())
     window = arch.window_of(layer)
     extra: dict[str, Any] = {"softcap": float(arch.attn_softcap)} if arch.attn_softcap is not None else {}
     inputs = [split.input[0], "", "", contract.past_name(layer, "key"), contract.past_name(layer, "value"),

@@ -1,4 +1,4 @@
-"""``genai_config.json``: lets onnxruntime-genai (``og.Model(bundle_dir)``) run a Llama-family bundle.
+"""``genai_config.json``: lets onnxruntime-genai (``og.Model(bundle_dir)``) run a bundle of a family it knows.
 
 The bundle graph already keeps onnxruntime-genai's default I/O names (see
 ``gptedge.runtime.contract``), so the file only names them and states the model's sizes. Format:
@@ -14,8 +14,9 @@ from gptedge.runtime import contract
 from gptedge.runtime.bundle import MODEL_NAME, Architecture, TokenizerInfo
 
 GENAI_CONFIG_NAME = "genai_config.json"
-# model.type values onnxruntime-genai treats as the plain decoder-only pipeline we export.
-GENAI_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# model.type values onnxruntime-genai (0.18) runs as a decoder-only pipeline over our I/O names.
+GENAI_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "gemma3_text",
+                     "granite", "phi3", "nemotron")
 
 
 def genai_config(arch: Architecture, model_type: str, context_length: int,

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gptedge.exporter.rope import attention_factor, rope_inv_freq, rope_kind
 from gptedge.runtime.bundle import Architecture
 
 # Fits in fp16, so the graph survives FP16 conversion; in fp32 softmax it acts as -inf.
@@ -29,42 +30,24 @@ MASK_VALUE = -65504.0
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
+    """RMSNorm over the last ``size`` features; ``offset`` is added to the weight (Gemma's ``1 + w``)."""
+
+    def __init__(self, size: int, eps: float, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         variance = x.pow(2).mean(-1, keepdim=True)
-        return x * torch.rsqrt(variance + self.eps) * self.weight
+        weight = self.weight + self.offset if self.offset else self.weight
+        return x * torch.rsqrt(variance + self.eps) * weight
 
 
-def make_norm(arch: Architecture) -> nn.Module:
+def make_norm(arch: Architecture, size: int | None = None) -> nn.Module:
+    size = size or arch.hidden_size
     if arch.norm == "rmsnorm":
-        return RMSNorm(arch.hidden_size, arch.norm_eps)
-    return nn.LayerNorm(arch.hidden_size, eps=arch.norm_eps, bias=arch.norm_bias)
-
-
-def rope_inv_freq(arch: Architecture) -> torch.Tensor:
-    """Inverse frequencies [D/2], with HF's ``linear`` and ``llama3`` scaling applied."""
-    dim = arch.head_dim
-    inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    scaling = arch.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "linear":
-        inv_freq = inv_freq / float(scaling["factor"])
-    elif kind == "llama3":
-        factor = float(scaling["factor"])
-        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-        old_context = float(scaling["original_max_position_embeddings"])
-        wavelen = 2 * math.pi / inv_freq
-        low_wavelen, high_wavelen = old_context / low, old_context / high
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_context / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        inv_freq = torch.where(is_medium, smoothed, scaled)
-    return inv_freq.float()
+        return RMSNorm(size, arch.norm_eps, arch.norm_offset)
+    return nn.LayerNorm(size, eps=arch.norm_eps, bias=arch.norm_bias)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -72,21 +55,38 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap * tanh(x / cap)`` (Gemma 2's soft capping), or ``x`` when ``cap`` is None."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
 class Attention(nn.Module):
     def __init__(self, arch: Architecture):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        self.scale = arch.attn_scale if arch.attn_scale is not None else 1.0 / math.sqrt(arch.head_dim)
+        self.softcap, self.qk_norm = arch.attn_softcap, arch.qk_norm
         qkv_out = (self.n_head + 2 * self.n_kv) * self.head_dim
         self.qkv = nn.Linear(arch.hidden_size, qkv_out, bias=arch.qkv_bias)
         self.out = nn.Linear(self.n_head * self.head_dim, arch.hidden_size, bias=arch.attn_out_bias)
+        if arch.qk_norm != "none":  # per head (Qwen3) or over all heads' features (OLMo 2)
+            per_head = arch.qk_norm == "head"
+            size = self.head_dim if per_head else self.n_head * self.head_dim
+            self.q_norm = RMSNorm(size, arch.norm_eps, arch.norm_offset)
+            self.k_norm = RMSNorm(self.head_dim if per_head else self.n_kv * self.head_dim, arch.norm_eps,
+                                  arch.norm_offset)
 
     def forward(self, x, cos, sin, bias, past_k, past_v):
         B, S, _ = x.shape
         H, K, D = self.n_head, self.n_kv, self.head_dim
         q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
+        if self.qk_norm == "all":
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, S, H, D).transpose(1, 2)  # B, H, S, D
         k = k.view(B, S, K, D).transpose(1, 2)  # B, K, S, D
         v = v.view(B, S, K, D).transpose(1, 2)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
@@ -95,7 +95,7 @@ class Attention(nn.Module):
         present_k, present_v = k, v
         if H != K:  # grouped-query attention: each kv head serves H/K query heads
             q = q.reshape(B, K, H // K * S, D)
-        scores = q @ k.transpose(-1, -2) * (1.0 / math.sqrt(D))  # B, K, H/K*S, T
+        scores = softcap(q @ k.transpose(-1, -2) * self.scale, self.softcap)  # B, K, H/K*S, T
         if H != K:
             scores = scores.view(B, H, S, -1)
         probs = F.softmax(scores + bias, dim=-1)  # B, H, S, T
@@ -111,7 +111,7 @@ class MLP(nn.Module):
         super().__init__()
         self.activation = arch.activation
         width = arch.intermediate_size
-        if arch.activation == "swiglu":
+        if arch.activation in ("swiglu", "geglu_tanh"):
             self.gate_up = nn.Linear(arch.hidden_size, 2 * width, bias=arch.mlp_bias)
         else:
             self.up = nn.Linear(arch.hidden_size, width, bias=arch.mlp_bias)
@@ -121,23 +121,41 @@ class MLP(nn.Module):
         if self.activation == "swiglu":
             gate, up = self.gate_up(x).chunk(2, dim=-1)
             return self.down(F.silu(gate) * up)
+        if self.activation == "geglu_tanh":
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down(F.gelu(gate, approximate="tanh") * up)
         approximate = "tanh" if self.activation == "gelu_tanh" else "none"
         return self.down(F.gelu(self.up(x), approximate=approximate))
 
 
 class Block(nn.Module):
+    """One layer. ``norm_placement``: ``pre`` normalises each sub-block's input, ``post`` its output,
+    ``pre_post`` both; each output is scaled by ``residual_scale`` before it joins the residual."""
+
     def __init__(self, arch: Architecture):
         super().__init__()
-        self.attn_norm = make_norm(arch)
+        self.residual_scale = arch.residual_scale
+        if arch.norm_placement != "post":
+            self.attn_norm = make_norm(arch)
+            self.mlp_norm = make_norm(arch)
+        if arch.norm_placement != "pre":
+            self.attn_post_norm = make_norm(arch)
+            self.mlp_post_norm = make_norm(arch)
         self.attn = Attention(arch)
-        self.mlp_norm = make_norm(arch)
         self.mlp = MLP(arch)
 
     def forward(self, x, cos, sin, bias, past_k, past_v):
-        attn_out, present_k, present_v = self.attn(self.attn_norm(x), cos, sin, bias, past_k, past_v)
-        x = x + attn_out
-        x = x + self.mlp(self.mlp_norm(x))
+        h = self.attn_norm(x) if hasattr(self, "attn_norm") else x
+        h, present_k, present_v = self.attn(h, cos, sin, bias, past_k, past_v)
+        x = x + self._finish(h, "attn_post_norm")
+        h = self.mlp(self.mlp_norm(x) if hasattr(self, "mlp_norm") else x)
+        x = x + self._finish(h, "mlp_post_norm")
         return x, present_k, present_v
+
+    def _finish(self, h: torch.Tensor, post_norm: str) -> torch.Tensor:
+        if hasattr(self, post_norm):
+            h = getattr(self, post_norm)(h)
+        return h * self.residual_scale if self.residual_scale != 1.0 else h
 
 
 class Decoder(nn.Module):
@@ -154,12 +172,23 @@ class Decoder(nn.Module):
         if arch.position == "learned":
             self.pos_embed = nn.Embedding(arch.max_context, arch.hidden_size)
         else:
-            self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
+            self.reset_rope()
         self.layers = nn.ModuleList(Block(arch) for _ in range(arch.num_layers))
         self.norm = make_norm(arch)
         self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    def reset_rope(self) -> None:
+        """(Re)build the non-persistent RoPE buffers: ``inv_freq`` and, when the model has them,
+        ``inv_freq_long`` (longrope past its original context) and ``inv_freq_local`` (Gemma 3)."""
+        arch = self.arch
+        self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
+        if rope_kind(arch) == "longrope" and arch.max_context > arch.rope_scaling["original_max_position_embeddings"]:
+            self.register_buffer("inv_freq_long", rope_inv_freq(arch, long=True), persistent=False)
+        if arch.rope_local_theta is not None:
+            self.register_buffer("inv_freq_local", rope_inv_freq(arch, theta=arch.rope_local_theta),
+                                 persistent=False)
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values):
         """input_ids, position_ids [B, S]; attention_mask [B, T] (1 keeps a token);
@@ -174,32 +203,60 @@ class Decoder(nn.Module):
             x = rows.t().reshape(*input_ids.shape, -1)  # B, S, C
         else:
             x = self.embed(input_ids)  # B, S, C
-        cos = sin = None
+        if self.arch.embed_scale != 1.0:
+            x = x * self.arch.embed_scale
         if self.arch.position == "learned":
             x = x + self.pos_embed(position_ids)
-        else:
-            angles = position_ids.unsqueeze(-1).float() * self.inv_freq  # B, S, D/2
-            angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)  # B, 1, S, D
-            cos, sin = angles.cos(), angles.sin()
-        bias = attention_bias(attention_mask, input_ids.shape[1])  # B, 1, S, T
+        rope = self._rope_tables(position_ids)
+        biases = {window: attention_bias(attention_mask, input_ids.shape[1], window)
+                  for window in {self.arch.window_of(i) for i in range(self.arch.num_layers)}}  # B, 1, S, T
         presents = []
-        for layer, (past_k, past_v) in zip(self.layers, past_key_values):
-            x, present_k, present_v = layer(x, cos, sin, bias, past_k, past_v)
+        for i, (layer, (past_k, past_v)) in enumerate(zip(self.layers, past_key_values)):
+            local = self.arch.rope_local_theta is not None and self.arch.window_of(i) is not None
+            cos, sin = rope["local" if local else "global"] if i not in (self.arch.nope_layers or ()) else (None, None)
+            x, present_k, present_v = layer(x, cos, sin, biases[self.arch.window_of(i)], past_k, past_v)
             presents.append((present_k, present_v))
         x = self.norm(x)
         logits = x @ table_t if table_t is not None else self.lm_head(x)  # B, S, V
-        return logits, presents
+        if self.arch.logit_divisor != 1.0:
+            logits = logits / self.arch.logit_divisor
+        return softcap(logits, self.arch.logit_softcap), presents
+
+    def _rope_tables(self, position_ids: torch.Tensor) -> dict[str, tuple]:
+        """(cos, sin) [B, 1, S, D] per RoPE kind in use ("global", and "local" for Gemma 3)."""
+        if self.arch.position != "rope":
+            return {"global": (None, None)}
+        inv_freq = self.get_buffer("inv_freq")
+        if hasattr(self, "inv_freq_long"):  # longrope: the long factors once the sequence outgrows the original context
+            original = (self.arch.rope_scaling or {})["original_max_position_embeddings"]
+            inv_freq = torch.where(position_ids.max() + 1 > original, self.get_buffer("inv_freq_long"), inv_freq)
+        tables = {"global": _cos_sin(position_ids, inv_freq, attention_factor(self.arch))}
+        if hasattr(self, "inv_freq_local"):
+            tables["local"] = _cos_sin(position_ids, self.get_buffer("inv_freq_local"), 1.0)
+        return tables
 
 
-def attention_bias(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
+def _cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, factor: float) -> tuple:
+    angles = position_ids.unsqueeze(-1).float() * inv_freq  # B, S, D/2
+    angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)  # B, 1, S, D
+    if factor != 1.0:
+        return angles.cos() * factor, angles.sin() * factor
+    return angles.cos(), angles.sin()
+
+
+def attention_bias(attention_mask: torch.Tensor, seq_len: int, window: int | None = None) -> torch.Tensor:
     """Additive bias [B, 1, S, T]: 0 where query s may attend key t, MASK_VALUE elsewhere.
 
-    Query s sits at cache index T - S + s; it sees keys at or before that index whose mask is 1.
+    Query s sits at cache index T - S + s; it sees keys at or before that index whose mask is 1 and,
+    with a sliding ``window`` W, only the W most recent of those indices (itself included), as
+    transformers' sliding-window mask does. The band is on cache indices, so it holds in decode steps.
     """
     total = attention_mask.shape[1]
     key_index = torch.arange(total, device=attention_mask.device)
     query_index = torch.arange(seq_len, device=attention_mask.device) + (total - seq_len)
     causal = key_index.unsqueeze(0) <= query_index.unsqueeze(1)  # S, T
+    if window is not None:
+        causal = causal & (key_index.unsqueeze(0) > query_index.unsqueeze(1) - window)
     allowed = causal.unsqueeze(0) & attention_mask.bool().unsqueeze(1)  # B, S, T
     zero = torch.zeros((), dtype=torch.float32)
     masked = torch.full((), MASK_VALUE, dtype=torch.float32)

@@ -15,7 +15,7 @@ from gptedge.exporter.chat_template import TEMPLATE_NAME, template_tokenizer_inf
 from gptedge.exporter.checkpoints import LoadedCheckpoint
 from gptedge.exporter.checkpoints.detect import load_checkpoint
 from gptedge.exporter.config import ExportConfig
-from gptedge.exporter.model import Decoder, rope_inv_freq
+from gptedge.exporter.model import Decoder
 from gptedge.exporter.onnx_export import last_position_graph, trace_to_onnx
 from gptedge.exporter.preflight import preflight
 from gptedge.exporter.stages import stage
@@ -122,8 +122,8 @@ def build_decoder(arch, state_dict: dict[str, torch.Tensor], where: str) -> Deco
     decoder.load_state_dict(weights, strict=True, assign=True)
     if arch.tie_word_embeddings:
         decoder.lm_head.weight = decoder.embed.weight
-    if arch.position == "rope":  # a non-persistent buffer: rebuild it off the meta device
-        decoder.inv_freq = rope_inv_freq(arch)
+    if arch.position == "rope":  # non-persistent buffers: rebuild them off the meta device
+        decoder.reset_rope()
     return decoder.eval()
 
 

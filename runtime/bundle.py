@@ -8,6 +8,7 @@ read bundles too.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -26,7 +27,9 @@ SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
-ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "geglu_tanh")
+QK_NORMS = ("none", "head", "all")
+NORM_PLACEMENTS = ("pre", "pre_post", "post")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,17 @@ class Architecture:
     Sizes are counts (not bytes). ``max_context`` is the longest sequence (prompt + generated
     tokens) the bundle supports. ``rope_scaling`` follows HF's dict (``{"rope_type": "llama3",
     "factor": ..., ...}`` or ``{"rope_type": "linear", "factor": ...}``) or is None.
+
+    Family switches (defaults: GPT-2 / Llama behaviour): ``sliding_window`` W makes a query attend
+    to its W most recent cache entries (itself included) in the layers ``sliding_layers`` (None: all),
+    whose RoPE base is ``rope_local_theta`` when set (Gemma 3); ``nope_layers`` use no position
+    encoding at all (SmolLM3). ``qk_norm`` RMS-normalises q and k
+    per head (``"head"``, Qwen3) or over all heads (``"all"``, OLMo 2). ``norm_offset`` is added to
+    norm weights (Gemma's ``1 + w``); ``norm_placement`` ``"pre_post"`` also normalises each
+    sub-block's output (Gemma 2/3), ``"post"`` only its output (OLMo 2). ``embed_scale`` multiplies
+    the embeddings, ``residual_scale`` each sub-block's output (Granite); ``attn_scale`` replaces
+    1/sqrt(head_dim); ``attn_softcap`` / ``logit_softcap`` apply ``c * tanh(x / c)`` to attention
+    scores / logits; logits are divided by ``logit_divisor``.
     """
 
     vocab_size: int
@@ -57,6 +71,19 @@ class Architecture:
     attn_out_bias: bool = True
     mlp_bias: bool = True
     tie_word_embeddings: bool = True
+    sliding_window: int | None = None
+    sliding_layers: list[int] | None = None
+    rope_local_theta: float | None = None
+    nope_layers: list[int] | None = None
+    qk_norm: str = "none"
+    norm_offset: float = 0.0
+    norm_placement: str = "pre"
+    embed_scale: float = 1.0
+    residual_scale: float = 1.0
+    attn_scale: float | None = None
+    attn_softcap: float | None = None
+    logit_softcap: float | None = None
+    logit_divisor: float = 1.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -78,12 +105,41 @@ class Architecture:
         for name in ("norm_bias", "qkv_bias", "attn_out_bias", "mlp_bias", "tie_word_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r} must be true or false")
+        problems += self._family_problems()
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
             problems.append(f"rope_scaling={self.rope_scaling!r} must be an object or null")
         if not problems and self.num_heads % self.num_kv_heads:
             problems.append(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if problems:
             raise BundleError("invalid model architecture: " + "; ".join(problems))
+
+    def _family_problems(self) -> list[str]:
+        problems = []
+        for name, allowed in (("qk_norm", QK_NORMS), ("norm_placement", NORM_PLACEMENTS)):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name}={getattr(self, name)!r} must be one of {allowed}")
+        window = self.sliding_window
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+            problems.append(f"sliding_window={window!r} must be a positive integer or null")
+        for name in ("sliding_layers", "nope_layers"):
+            layers = getattr(self, name)
+            if layers is not None and (not isinstance(layers, list) or
+                                       not all(isinstance(i, int) and 0 <= i < self.num_layers for i in layers)):
+                problems.append(f"{name}={layers!r} must list layer indices below num_layers")
+        optional = ("rope_local_theta", "attn_scale", "attn_softcap", "logit_softcap")
+        for name in ("embed_scale", "residual_scale", "logit_divisor", *optional):
+            value = getattr(self, name)
+            if not (value is None and name in optional) and not _positive(value):
+                problems.append(f"{name}={value!r} must be a positive number" + (" or null" if name in optional else ""))
+        if not isinstance(self.norm_offset, (int, float)) or isinstance(self.norm_offset, bool):
+            problems.append(f"norm_offset={self.norm_offset!r} must be a number")
+        return problems
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of ``layer`` (tokens), or None when it attends to the whole cache."""
+        if self.sliding_window is None or (self.sliding_layers is not None and layer not in self.sliding_layers):
+            return None
+        return self.sliding_window
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Architecture:
@@ -102,6 +158,10 @@ class Architecture:
     def kv_bytes_per_token(self, dtype_bytes: int = 4) -> int:
         """Bytes of KV cache one token occupies across all layers (keys and values)."""
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * dtype_bytes
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 @dataclass(frozen=True)

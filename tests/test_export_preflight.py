@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from gptedge.exporter.checkpoints.hf_config import SUPPORTED_MODEL_TYPES
 from gptedge.runtime.errors import UnsupportedModelError
 
-EXPECTED = "model_type 'definitely_not_a_model' is not supported; gptedge exports gpt2, llama, mistral, qwen2"
+EXPECTED = ("model_type 'definitely_not_a_model' is not supported; gptedge exports "
+            + ", ".join(SUPPORTED_MODEL_TYPES))
 
 
 def python(code: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -35,6 +37,7 @@ def test_preflight_refuses_an_unsupported_model_type_without_torch(tmp_path):
 import sys
 from gptedge.exporter.config import ExportConfig
 from gptedge.exporter.preflight import preflight
+from gptedge.exporter.checkpoints.hf_config import SUPPORTED_MODEL_TYPES
 from gptedge.runtime.errors import UnsupportedModelError
 try:
     preflight(sys.argv[1], ExportConfig(), sys.argv[2])

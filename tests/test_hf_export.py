@@ -146,14 +146,13 @@ def _config_only(folder, **config) -> None:
 
 
 @pytest.mark.parametrize(("config", "key"), [
-    ({"model_type": "falcon"}, "model_type"),
-    ({**llama_config("mistral", sliding_window=16).to_dict()}, "sliding_window"),
-    ({**llama_config("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=0).to_dict()}, "sliding_window"),
-    ({**llama_config(rope_scaling={"rope_type": "yarn", "factor": 4.0}).to_dict()}, "rope_scaling"),
+    ({"model_type": "falcon_h1"}, "model_type"),
+    ({"model_type": "mixtral"}, "model_type"),
+    ({**llama_config(rope_scaling={"rope_type": "mrope", "factor": 4.0}).to_dict()}, "rope_scaling"),
     ({**llama_config(hidden_act="gelu").to_dict()}, "hidden_act"),
     ({**llama_config(partial_rotary_factor=0.5).to_dict()}, "partial_rotary_factor"),
     ({**gpt2_config(activation_function="relu").to_dict()}, "activation_function"),
-], ids=["unknown-type", "mistral-window", "qwen2-window", "yarn", "gelu-llama", "partial-rotary", "gpt2-relu"])
+], ids=["unknown-type", "moe", "mrope", "gelu-llama", "partial-rotary", "gpt2-relu"])
 def test_unsupported_configs_are_refused_by_key(tmp_path, config, key):
     _config_only(tmp_path, **config)
     with pytest.raises(UnsupportedModelError, match=key) as info:
@@ -161,6 +160,7 @@ def test_unsupported_configs_are_refused_by_key(tmp_path, config, key):
     assert "config.json" in str(info.value)
     if key == "model_type":
         assert "llama" in str(info.value) and "gpt2" in str(info.value)
+        assert ("mixture-of-experts" in str(info.value)) == (config["model_type"] == "mixtral")
     assert not (tmp_path / "out").exists()
 
 

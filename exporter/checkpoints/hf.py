@@ -1,10 +1,10 @@
 """HuggingFace folders (``config.json`` + safetensors / ``pytorch_model.bin``) → :class:`LoadedCheckpoint`.
 
-Supported: ``gpt2`` and the Llama family (``llama``, ``mistral``, ``qwen2``); the config mapping and
-its refusals live in :mod:`hf_config`, the transformers parity reference in :mod:`hf_reference`.
-Weights are renamed onto the decoder's parameters (see ``gptedge.exporter.model``): GPT-2's Conv1D
-weights are stored ``[in, out]`` and are transposed; Llama's q/k/v and gate/up projections are
-concatenated into the fused ``attn.qkv`` and ``mlp.gate_up``.
+Each ``model_type`` has a family mapping (``hf_<family>.py``, looked up in :mod:`hf_config`): its
+config mapping and refusals, and the rules that rename the weights onto the decoder's parameters
+(see ``gptedge.exporter.model``): GPT-2's Conv1D weights are stored ``[in, out]`` and are
+transposed; separate q/k/v and gate/up projections are concatenated into the fused ``attn.qkv`` and
+``mlp.gate_up``. The transformers parity reference lives in :mod:`hf_reference`.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ import torch
 from gptedge.exporter.chat_template import read_hf_chat_template
 from gptedge.exporter.checkpoints import LoadedCheckpoint, torch_load_reason
 from gptedge.exporter.checkpoints.hf_config import (
-    LLAMA_FAMILY,
     architecture_from_config,
     export_context,
+    family_of,
     read_config,
 )
+from gptedge.exporter.checkpoints.hf_family import Family
 from gptedge.exporter.checkpoints.hf_reference import transformers_reference
 from gptedge.exporter.checkpoints.hf_tokenizer import load_tokenizer
 from gptedge.exporter.config import ExportConfig
@@ -35,45 +36,7 @@ from gptedge.runtime.errors import InputError, UnsupportedModelError
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 COPIED_FILES = ("config.json", "generation_config.json")
-
-# (pattern on the checkpoint name, decoder name template, part index for fused tensors or None,
-#  transpose): GPT-2's Conv1D stores [in, out], the decoder's Linear [out, in].
-Rule = tuple[str, str, int | None, bool]
-_GPT2_RULES: list[Rule] = [
-    (r"wte\.weight", "embed.weight", None, False),
-    (r"wpe\.weight", "pos_embed.weight", None, False),
-    (r"h\.(\d+)\.ln_1\.(weight|bias)", r"layers.\1.attn_norm.\2", None, False),
-    (r"h\.(\d+)\.attn\.c_attn\.weight", r"layers.\1.attn.qkv.weight", None, True),
-    (r"h\.(\d+)\.attn\.c_attn\.bias", r"layers.\1.attn.qkv.bias", None, False),
-    (r"h\.(\d+)\.attn\.c_proj\.weight", r"layers.\1.attn.out.weight", None, True),
-    (r"h\.(\d+)\.attn\.c_proj\.bias", r"layers.\1.attn.out.bias", None, False),
-    (r"h\.(\d+)\.ln_2\.(weight|bias)", r"layers.\1.mlp_norm.\2", None, False),
-    (r"h\.(\d+)\.mlp\.c_fc\.weight", r"layers.\1.mlp.up.weight", None, True),
-    (r"h\.(\d+)\.mlp\.c_fc\.bias", r"layers.\1.mlp.up.bias", None, False),
-    (r"h\.(\d+)\.mlp\.c_proj\.weight", r"layers.\1.mlp.down.weight", None, True),
-    (r"h\.(\d+)\.mlp\.c_proj\.bias", r"layers.\1.mlp.down.bias", None, False),
-    (r"ln_f\.(weight|bias)", r"norm.\1", None, False),
-    (r"lm_head\.weight", "lm_head.weight", None, False),
-]
-# Causal-mask buffers older GPT-2 checkpoints carry; the decoder builds its mask from attention_mask.
-_GPT2_SKIP = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
-
-_LLAMA_RULES: list[Rule] = [
-    (r"embed_tokens\.weight", "embed.weight", None, False),
-    (r"layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attn_norm.weight", None, False),
-    (r"layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", r"layers.\1.attn.qkv.\2", 0, False),
-    (r"layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", r"layers.\1.attn.qkv.\2", 1, False),
-    (r"layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", r"layers.\1.attn.qkv.\2", 2, False),
-    (r"layers\.(\d+)\.self_attn\.o_proj\.(weight|bias)", r"layers.\1.attn.out.\2", None, False),
-    (r"layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.mlp_norm.weight", None, False),
-    (r"layers\.(\d+)\.mlp\.gate_proj\.(weight|bias)", r"layers.\1.mlp.gate_up.\2", 0, False),
-    (r"layers\.(\d+)\.mlp\.up_proj\.(weight|bias)", r"layers.\1.mlp.gate_up.\2", 1, False),
-    (r"layers\.(\d+)\.mlp\.down_proj\.(weight|bias)", r"layers.\1.mlp.down.\2", None, False),
-    (r"norm\.weight", "norm.weight", None, False),
-    (r"lm_head\.weight", "lm_head.weight", None, False),
-]
-# Old Llama checkpoints saved the RoPE inverse frequencies; the decoder derives them from the config.
-_LLAMA_SKIP = re.compile(r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+# decoder tensors fused from several checkpoint tensors, and how many parts each has
 _PARTS = {"attn.qkv": 3, "mlp.gate_up": 2}
 
 
@@ -87,14 +50,15 @@ def load_hf(folder: Path, config: ExportConfig) -> LoadedCheckpoint:
     cfg = read_config(folder)
     arch = architecture_from_config(cfg, folder / "config.json", config.max_context)
     weight_files, raw = read_weights(folder)
-    state_dict = map_state_dict(cfg["model_type"], raw, arch, folder)
+    family = family_of(cfg, folder / "config.json")
+    state_dict = map_state_dict(family, cfg["model_type"], raw, arch, folder)
     del raw
     tokenizer = load_tokenizer(folder, cfg, config)
     extra_files = {name: (folder / name).read_bytes() for name in COPIED_FILES if (folder / name).is_file()}
-    if cfg["model_type"] in LLAMA_FAMILY:
+    genai_type = family.genai_type(cfg["model_type"])
+    if genai_type is not None:
         extra_files[GENAI_CONFIG_NAME] = genai_config_bytes(
-            arch, cfg["model_type"], export_context(cfg, config.max_context),
-            tokenizer.info if tokenizer else None)
+            arch, genai_type, export_context(cfg, config.max_context), tokenizer.info if tokenizer else None)
     reference = transformers_reference(folder)
     source = {"format": "hf", "path": str(folder), "model_type": cfg["model_type"],
               "weight_files": [p.name for p in weight_files],
@@ -170,13 +134,10 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
-def map_state_dict(model_type: str, raw: dict[str, torch.Tensor], arch: Architecture,
+def map_state_dict(family: Family, model_type: str, raw: dict[str, torch.Tensor], arch: Architecture,
                    folder: Path) -> dict[str, torch.Tensor]:
     """Rename (and transpose / fuse) an HF state dict onto the decoder's parameter names, in fp32."""
-    if model_type == "gpt2":
-        rules, skip, prefix = _GPT2_RULES, _GPT2_SKIP, "transformer."
-    else:
-        rules, skip, prefix = _LLAMA_RULES, _LLAMA_SKIP, "model."
+    rules, skip, prefix = family.rules, family.skip_pattern(), family.prefix
     compiled = [(re.compile(p), t, part, tr) for p, t, part, tr in rules]
     single: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[int, torch.Tensor]] = {}

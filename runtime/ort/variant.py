@@ -96,8 +96,15 @@ def write(folder: Path, arch: Architecture, kv_dtype: str, source: str = "model_
 
 def unsupported(arch: Architecture) -> str | None:
     """Why onnxruntime's GroupQueryAttention cannot run ``arch``, or None."""
+    scaling = arch.rope_scaling or {}
     if arch.head_dim % 16:
         return f"head_dim {arch.head_dim} is not a multiple of 16 (GroupQueryAttention needs it)"
+    if arch.qk_norm != "none":
+        return "q/k norms sit between the QKV projection and the rotary embedding GroupQueryAttention applies"
+    if scaling.get("rope_type") == "longrope" and arch.max_context > scaling["original_max_position_embeddings"]:
+        return "LongRoPE switches frequencies with the sequence length; GroupQueryAttention takes one cache"
+    if arch.rope_local_theta is not None:
+        return "layers with two RoPE bases (Gemma 3) need per-layer rotary caches"
     return None
 
 
@@ -136,7 +143,10 @@ def attach(folder: Path, files: Mapping[str, Mapping[str, Any]], arch: Architect
     if reason is not None:
         log.info("no %s for this bundle: %s", ORT_MODEL_NAME, reason)
         return None
-    parity = check_parity(Path(folder) / source, path, arch, kv_dtype)
+    windows = [w for w in (arch.window_of(i) for i in range(arch.num_layers)) if w is not None]
+    # a prompt longer than the shortest window, so the check sees the band cut
+    prompt = max(5, min(min(windows, default=0) + 3, arch.max_context - 2))
+    parity = check_parity(Path(folder) / source, path, arch, kv_dtype, prompt=prompt)
     kind = "qdq" if parity["qdq"] else kv_dtype
     limit = ORT_VARIANT_PARITY_LIMITS[kind] * max(1.0, parity["max_abs_logit"])
     if not parity["max_abs_diff"] <= limit:  # also catches NaN
@@ -236,7 +246,9 @@ def _rope_caches(graph: onnx.GraphProto, arch: Architecture, kv_dtype: str) -> t
     # fp32 angles, as the portable graph computes them (position * inv_freq in float32)
     angles = np.arange(arch.max_context, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
     dtype = NP_DTYPES[kv_dtype]
-    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+    # YaRN / LongRoPE scale cos and sin; scaled caches rotate q and k exactly as the portable graph does
+    factor = np.float32((arch.rope_scaling or {}).get("attention_factor", 1.0))
+    return (np.cos(angles) * factor).astype(dtype), (np.sin(angles) * factor).astype(dtype)
 
 
 def _attention_node(index: GraphIndex, arch: Architecture, layer: int,
@@ -250,7 +262,9 @@ def _attention_node(index: GraphIndex, arch: Architecture, layer: int,
     if len(split.output) != 3:
         raise VariantError(f"layer {layer}: the QKV split has {len(split.output)} outputs, expected 3")
     attn_output = _attention_output(index.consumers, value_out, layer)
-    rotary = arch.position == "rope"
+    rotary = arch.position == "rope" and layer not in (arch.nope_layers or ())
+    window = arch.window_of(layer)
+    extra: dict[str, Any] = {"softcap": float(arch.attn_softcap)} if arch.attn_softcap is not None else {}
     inputs = [split.input[0], "", "", contract.past_name(layer, "key"), contract.past_name(layer, "value"),
               shared.seqlens_k, shared.total_length, shared.cos if rotary else "", shared.sin if rotary else "",
               contract.POSITION_IDS if rotary else ""]
@@ -260,7 +274,9 @@ def _attention_node(index: GraphIndex, arch: Architecture, layer: int,
         "GroupQueryAttention", inputs, [attn_output, key_out, value_out], domain=MS_DOMAIN,
         name=f"/layers.{layer}/attn/GroupQueryAttention", num_heads=arch.num_heads,
         kv_num_heads=arch.num_kv_heads, do_rotary=int(rotary), rotary_interleaved=0,
-        scale=float(arch.head_dim ** -0.5), local_window_size=-1)
+        scale=float(arch.attn_scale if arch.attn_scale is not None else arch.head_dim ** -0.5),
+        # the window counts the query itself, like transformers' (checked by attach's parity run)
+        local_window_size=window if window is not None else -1, **extra)
 
 
 def _concat_of_cache(producers: dict[str, onnx.NodeProto], present: str, past: str) -> onnx.NodeProto:

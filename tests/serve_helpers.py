@@ -14,12 +14,12 @@ from test_chat import CHATML, chatml_tokenizer
 
 from gptedge.exporter import ExportConfig, export
 
-CONTEXT = 128
+CONTEXT = 1024  # long enough that a request can outlast its client's disconnect
 _BUNDLE: list[Path] = []  # exported once per test session, shared by the serving test modules
 
 
 def chat_bundle(tmp_path_factory) -> Path:
-    """The ChatML test model, exported once per session (context 128, with model_last and model_ort)."""
+    """The ChatML test model, exported once per session (context 1024, with model_last and model_ort)."""
     if _BUNDLE:
         return _BUNDLE[0]
     root = tmp_path_factory.mktemp("serve")

@@ -23,6 +23,8 @@ class Metrics:
                                 ["route", "status"], registry=r)
         self.tokens_in = Counter("gptedge_prompt_tokens", "prompt tokens prefilled", registry=r)
         self.tokens_out = Counter("gptedge_generated_tokens", "tokens generated", registry=r)
+        self.cancelled = Counter("gptedge_cancelled_requests", "requests whose client left before the end "
+                                 "(their row left the batch)", registry=r)
         self.queue = Gauge("gptedge_queue_depth", "requests waiting to join the batch", registry=r)
         self.batch = Gauge("gptedge_running_batch_size", "requests in the running batch", registry=r)
         self.ttft = Histogram("gptedge_time_to_first_token_seconds", "request arrival to its first token",
@@ -43,6 +45,9 @@ class Metrics:
     def next_token(self, seconds: float) -> None:
         self.tokens_out.inc()
         self.itl.observe(seconds)
+
+    def cancel(self) -> None:
+        self.cancelled.inc()
 
     def gauges(self, queue: int, running: int) -> None:
         self.queue.set(queue)

@@ -26,6 +26,7 @@ from gptedge.runtime.ort.backend import OrtBackend
 from gptedge.runtime.results import Row
 from gptedge.runtime.sampling import SamplingOptions, choose_token
 from gptedge.runtime.serve.batch_cache import BatchCache, Joiner, prefill
+from gptedge.runtime.tokenizer import IncrementalDecoder, Tokenizer
 
 if TYPE_CHECKING:
     from gptedge.runtime.generate import Generator
@@ -48,12 +49,13 @@ class ShuttingDownError(GptEdgeError):
 
 @dataclass
 class TokenLogprob:
-    """A generated token's log-probability (natural log, from the model's raw distribution) and the
-    ``top`` most likely alternatives as ``(token, logprob)``."""
+    """A generated token's text and log-probability (natural log, from the model's raw
+    distribution) and the ``top`` most likely alternatives as ``(text, logprob)``."""
 
     token: int
+    text: str
     logprob: float
-    top: list[tuple[int, float]]
+    top: list[tuple[str, float]]
 
 
 @dataclass
@@ -187,6 +189,8 @@ class Scheduler:
         leaving = [job for job in self._last if job.cancelled or job.done]
         for job in leaving:
             del self._last[job]
+            if not job.done and self.metrics is not None:
+                self.metrics.cancel()
         joiners = self._admit(self.max_batch - len(self._last))
         if leaving or joiners:
             self.batch.rebuild([job for job in self.batch.keys if job in self._last], joiners)
@@ -213,6 +217,8 @@ class Scheduler:
                     break
                 job = self._pending.popleft()
             if job.cancelled:
+                if self.metrics is not None:
+                    self.metrics.cancel()
                 continue
             gen = self.generator
             job.row = Row(job.ids, gen.tokenizer, gen.eos_ids, job.options.ignore_eos, job.options.stop, True)
@@ -242,7 +248,8 @@ class Scheduler:
             return
         update = Update(tokens=[token])
         if job.logprobs is not None:
-            update.logprobs.append(token_logprob(logits, token, job.logprobs))
+            context = (job.ids + row.tokens)[-IncrementalDecoder.CONTEXT:]
+            update.logprobs.append(token_logprob(logits, token, job.logprobs, self.generator.tokenizer, context))
         row.push(token)
         self._last[job] = token
         if len(row.tokens) >= job.options.max_new_tokens:
@@ -283,10 +290,19 @@ class Scheduler:
             self.metrics.gauges(queue=len(self._pending), running=len(self._last))
 
 
-def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
-    """``token``'s log-probability under softmax(``logits [V]``) and the ``top`` most likely tokens."""
+def token_logprob(logits: np.ndarray, token: int, top: int, tokenizer: Tokenizer,
+                  context: Sequence[int]) -> TokenLogprob:
+    """``token``'s log-probability under softmax(``logits [V]``) and the ``top`` most likely tokens,
+    each with its text as it reads after ``context`` (the ids before it: spaces depend on them)."""
     z = logits.astype(np.float64)
     z = z - z.max()
     logp = z - np.log(np.exp(z).sum())
     best: list[Any] = np.argsort(-logp, kind="stable")[:top].tolist() if top > 0 else []
-    return TokenLogprob(token=token, logprob=float(logp[token]), top=[(int(t), float(logp[t])) for t in best])
+    before = tokenizer.decode(list(context))
+
+    def text(t: int) -> str:
+        after = tokenizer.decode([*context, t])
+        return after[len(before):] if after.startswith(before) else tokenizer.decode([t])
+
+    return TokenLogprob(token=token, text=text(token), logprob=float(logp[token]),
+                        top=[(text(int(t)), float(logp[t])) for t in best])

@@ -23,7 +23,9 @@ def chat_bundle(tmp_path_factory) -> Path:
     if _BUNDLE:
         return _BUNDLE[0]
     root = tmp_path_factory.mktemp("serve")
-    config = llama_config(vocab_size=100, bos_token_id=1, eos_token_id=1, max_position_embeddings=CONTEXT)
+    # head_dim 16: the smallest onnxruntime's GroupQueryAttention takes, so the bundle gets model_ort.onnx
+    config = llama_config(vocab_size=100, bos_token_id=1, eos_token_id=1, max_position_embeddings=CONTEXT,
+                          hidden_size=64)
     tok_cfg = {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "add_bos_token": False,
                "chat_template": CHATML}
     folder = write_folder(root / "hf", config, seed=11, tokenizer=chatml_tokenizer(), tokenizer_config=tok_cfg)

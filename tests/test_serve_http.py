@@ -130,18 +130,25 @@ def _until(check, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def test_disconnect_frees_the_row(server):
-    cancelled = _metric(server, "gptedge_cancelled_requests_total")
-    body = {"prompt": "w1 w2", "max_tokens": CONTEXT - 10, "temperature": 0, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", server + "/v1/completions", json=body) as r:
-        lines = r.iter_lines()
-        assert next(lines).startswith("data: ")  # the row is running; now the client goes away
-    _until(lambda: _metric(server, "gptedge_cancelled_requests_total") == cancelled + 1)
-    _until(lambda: httpx.get(server + "/health").json()["running"] == 0)
-    with pytest.raises(httpx.ReadTimeout):  # the same for a client that stops waiting for a whole answer
-        httpx.post(server + "/v1/completions", json={**body, "stream": False}, timeout=0.3)
-    _until(lambda: _metric(server, "gptedge_cancelled_requests_total") == cancelled + 2)
-    _until(lambda: httpx.get(server + "/health").json()["running"] == 0)
+def test_disconnect_frees_the_row(bundle):
+    with running_server(bundle, max_batch=1, max_queue=16) as url:
+        body = {"prompt": "w1 w2", "max_tokens": CONTEXT - 10, "temperature": 0, "ignore_eos": True}
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as r:
+            assert next(r.iter_lines()).startswith("data: ")  # the row is running; now the client goes away
+        _until(lambda: _metric(url, "gptedge_cancelled_requests_total") == 1)
+        _until(lambda: httpx.get(url + "/health").json()["running"] == 0)
+        assert _metric(url, "gptedge_generated_tokens_total") < CONTEXT - 10
+        # a client that stops waiting for a whole answer while its request is queued behind 6 others:
+        # the request is dropped, its tokens are never generated
+        with ThreadPoolExecutor(6) as pool:
+            busy = [pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=60) for _ in range(6)]
+            _until(lambda: httpx.get(url + "/health").json()["queued"] == 5)
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url + "/v1/completions", json=body, timeout=0.2)
+            assert all(f.result().status_code == 200 for f in busy)
+        _until(lambda: _metric(url, "gptedge_cancelled_requests_total") == 2)
+        assert httpx.get(url + "/health").json() == {"status": "ok", "running": 0, "queued": 0}
+        assert _metric(url, "gptedge_generated_tokens_total") < 7 * (CONTEXT - 10)
 
 
 def test_full_queue_answers_429_with_retry_after(bundle):

@@ -22,6 +22,9 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds a SIGTERM lets running requests finish (default 30)")
+    p.add_argument("--portable-batch", action="store_true",
+                   help="decode the batch on the portable graph with padding (default: the onnxruntime variant "
+                        "with per-row lengths when the bundle has model_ort.onnx and runs on the CPU)")
     p.set_defaults(func=run)
 
 
@@ -37,6 +40,6 @@ def run(args: argparse.Namespace) -> int:
     config = ServeConfig(max_batch=args.max_batch, max_queue=args.max_queue,
                          api_key=args.api_key or os.environ.get("GPTEDGE_API_KEY") or None,
                          backend=args.backend, threads=args.threads, model_name=args.model_name,
-                         drain_timeout_s=args.drain_timeout)
+                         drain_timeout_s=args.drain_timeout, portable_batch=args.portable_batch)
     serve(args.bundle, config, host=args.host, port=args.port, log_level="debug" if args.debug else "info")
     return 0

@@ -50,7 +50,9 @@ class ServeConfig:
     """``max_batch`` rows decode together, ``max_queue`` requests wait (more: 429); ``api_key``
     (None: no key) guards every route but /health; ``backend`` ``auto`` picks ort-cuda when it can
     run the bundle, else ort-cpu; ``model_name`` defaults to the bundle folder's name;
-    ``drain_timeout_s``: how long a stopping server lets running requests finish."""
+    ``drain_timeout_s``: how long a stopping server lets running requests finish; ``portable_batch``:
+    decode the batch on the portable graph with padding even where the onnxruntime variant with
+    per-row lengths could run it (see :class:`~gptedge.runtime.serve.scheduler.Scheduler`)."""
 
     max_batch: int = 8
     max_queue: int = 64
@@ -59,6 +61,7 @@ class ServeConfig:
     threads: int | None = None
     model_name: str | None = None
     drain_timeout_s: float = 30.0
+    portable_batch: bool = False
 
 
 def open_generator(bundle_dir: str | os.PathLike[str], config: ServeConfig) -> Generator:
@@ -75,7 +78,7 @@ def create_app(bundle_dir: str | os.PathLike[str], config: ServeConfig | None = 
     config = config or ServeConfig()
     generator = open_generator(bundle_dir, config)
     metrics = Metrics()
-    scheduler = Scheduler(generator, config.max_batch, config.max_queue, metrics)
+    scheduler = Scheduler(generator, config.max_batch, config.max_queue, metrics, config.portable_batch)
     model = config.model_name or Path(bundle_dir).resolve().name
 
     @asynccontextmanager

@@ -1,6 +1,12 @@
-"""The server's running batch: ragged rows sharing one KV cache on onnxruntime's portable graph.
+"""The server's running batch: ragged rows sharing one KV cache, two ways.
 
-Every row keeps its own length and positions. Rows are right-aligned: a row's real tokens are the
+:class:`VariantBatch` (used when the bundle has ``model_ort.onnx`` and runs on the CPU): rows are
+LEFT-aligned in preallocated buffers and onnxruntime's GroupQueryAttention takes one valid length
+per row (from ``position_ids``), appending each row's new keys/values in place -- no padding, no
+per-step copy of the cache, the same fused kernels ``Generator.generate`` runs a single row on.
+
+:class:`PaddedBatch` (the portable graph: any bundle, any device): every row keeps its own length
+and positions too, but rows are right-aligned: a row's real tokens are the
 last ``n`` columns of the cache, the columns before them are left padding that the attention mask
 hides (mask 0). A new request is prefilled alone (batch 1, the same graph ``Generator.generate``
 runs) and joins at a step boundary by copying its cache into the batch; finished or cancelled rows
@@ -16,10 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from gptedge.runtime import contract
 from gptedge.runtime.ort.backend import OrtBackend, OrtState
 
 
@@ -54,8 +62,8 @@ def prefill(backend: OrtBackend, ids: Sequence[int]) -> tuple[OrtState, np.ndarr
     return state, np.array(logits[0], dtype=np.float32)
 
 
-class BatchCache:
-    """The rows of the running batch (by key, in batch order) and their shared cache."""
+class PaddedBatch:
+    """The rows of the running batch (by key, in batch order) and their shared, right-aligned cache."""
 
     def __init__(self, backend: OrtBackend, max_context: int) -> None:
         self.backend = backend
@@ -112,3 +120,91 @@ class BatchCache:
         self.length = end
         self.positions += 1
         return logits
+
+
+class VariantBatch:
+    """The running batch on ``model_ort.onnx``: row ``b`` holds its ``lengths[b]`` tokens in
+    columns ``0 .. lengths[b]-1`` of buffers ``[B, kv_heads, capacity, head_dim]`` that the graph
+    reads and appends to in place (past and present bound to the same memory)."""
+
+    def __init__(self, backend: OrtBackend, max_context: int) -> None:
+        assert backend.has_variant and backend.device == "cpu"
+        self.backend = backend
+        self.session = backend.session  # the variant (the backend opened it as its main session)
+        self.max_context = max_context
+        self.keys: list[Hashable] = []
+        self.buffers: list[np.ndarray] = []
+        self.lengths = np.zeros((0, 1), dtype=np.int64)
+        self._binding: Any = None
+        self._io: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # ids, positions, logits: bound
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def state(self) -> object | None:
+        """Something while rows run, None when the batch is empty (as :class:`PaddedBatch`)."""
+        return self._binding
+
+    def rebuild(self, keep: Sequence[Hashable], join: Sequence[Joiner], capacity: int = 0) -> None:
+        """Make the batch ``keep`` (rows already in it) followed by ``join``, copying each row's
+        tokens into new buffers of at least ``capacity`` columns."""
+        index = {key: r for r, key in enumerate(self.keys)}
+        sources = [(self.buffers, index[key], int(self.lengths[index[key], 0])) for key in keep]
+        sources += [(kv_arrays(j.state), 0, j.length) for j in join]
+        self.keys = [*keep, *(j.key for j in join)]
+        self._binding, self._io = None, None
+        if not self.keys:
+            self.buffers, self.lengths = [], np.zeros((0, 1), dtype=np.int64)
+            return
+        longest = max(n for _, _, n in sources)
+        # room to grow: doubling (as the backend's own buffers), at most the context
+        capacity = min(self.max_context, max(capacity, 2 * longest, 64))
+        layers = len(sources[0][0])
+        buffers = []
+        for layer in range(layers):
+            sample = sources[0][0][layer]
+            out = np.zeros((len(self.keys), sample.shape[1], capacity, sample.shape[3]), dtype=sample.dtype)
+            for b, (arrays, r, n) in enumerate(sources):
+                out[b, :, :n] = arrays[layer][r, :, :n]
+            buffers.append(out)
+        self.buffers = buffers
+        self.lengths = np.asarray([n for _, _, n in sources], dtype=np.int64)[:, None]
+        self._bind()
+
+    def _bind(self) -> None:
+        batch, capacity = len(self.keys), self.buffers[0].shape[2]
+        binding = self.session.io_binding()
+        for past, present, buffer in zip(self.backend.past_names, self.backend.present_names, self.buffers):
+            value = ort.OrtValue.ortvalue_from_numpy(buffer)  # shares the memory: updated in place
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        ids = np.zeros((batch, 1), dtype=np.int64)
+        positions = np.zeros((batch, 1), dtype=np.int64)
+        vocab = self.backend.bundle.manifest.architecture.vocab_size
+        logits = np.empty((batch, 1, vocab), dtype=np.float32)
+        binding.bind_cpu_input(contract.INPUT_IDS, ids)
+        binding.bind_cpu_input(contract.POSITION_IDS, positions)
+        # unread by the variant (its lengths come from the positions); bound for the contract's shape
+        binding.bind_cpu_input(contract.ATTENTION_MASK, np.ones((batch, capacity), dtype=np.int64))
+        if self.backend.one_logits_row:
+            binding.bind_ortvalue_output(contract.LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
+        else:
+            binding.bind_output(contract.LOGITS, "cpu")
+        self._binding, self._io = binding, (ids, positions, logits)
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Feed one token per row (``tokens [B, 1]``); returns the logits ``[B, V]`` (valid until
+        the next step)."""
+        assert self._io is not None and tokens.shape == (len(self.keys), 1)
+        if int(self.lengths.max()) + 1 > self.buffers[0].shape[2]:
+            self.rebuild(list(self.keys), [], capacity=2 * self.buffers[0].shape[2])
+        assert self._io is not None
+        ids, positions, logits = self._io
+        ids[:] = tokens
+        positions[:] = self.lengths  # the new token's position = the row's length so far
+        self.session.run_with_iobinding(self._binding)
+        self.lengths += 1
+        if self.backend.one_logits_row:
+            return logits[:, 0, :]
+        return self._binding.get_outputs()[0].numpy()[:, -1, :]

@@ -25,7 +25,7 @@ from gptedge.runtime.errors import BackendUnavailableError, GenerationError, Gpt
 from gptedge.runtime.ort.backend import OrtBackend
 from gptedge.runtime.results import Row
 from gptedge.runtime.sampling import SamplingOptions, choose_token
-from gptedge.runtime.serve.batch_cache import BatchCache, Joiner, prefill
+from gptedge.runtime.serve.batch_cache import Joiner, PaddedBatch, VariantBatch, prefill
 from gptedge.runtime.tokenizer import IncrementalDecoder, Tokenizer
 
 if TYPE_CHECKING:
@@ -101,10 +101,12 @@ class Job:
 
 class Scheduler:
     """Owns ``generator``'s model on one thread; at most ``max_batch`` rows run, at most
-    ``max_queue`` requests wait (more answer :class:`QueueFullError`)."""
+    ``max_queue`` requests wait (more answer :class:`QueueFullError`). The batch decodes on the
+    bundle's onnxruntime variant with per-row lengths where it can (CPU, ``model_ort.onnx``
+    present), else on the portable graph with padding; ``portable_batch`` forces the latter."""
 
     def __init__(self, generator: Generator, max_batch: int = 8, max_queue: int = 64,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, portable_batch: bool = False) -> None:
         if not isinstance(generator.backend, OrtBackend):
             raise BackendUnavailableError(f"the server batches on onnxruntime; backend {generator.backend_name!r} "
                                           "cannot be batched here: use --backend ort-cpu or ort-cuda")
@@ -114,7 +116,10 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.metrics = metrics
-        self.batch = BatchCache(generator.backend, generator.max_context)
+        backend = generator.backend
+        ragged = backend.has_variant and backend.device == "cpu" and not portable_batch
+        self.batch: PaddedBatch | VariantBatch = (VariantBatch if ragged else PaddedBatch)(backend,
+                                                                                           generator.max_context)
         self.steps = 0  # decode steps run so far
         self._pending: collections.deque[Job] = collections.deque()
         self._last: dict[Job, int] = {}  # each running job's last sampled token (not yet in the cache)
@@ -223,7 +228,7 @@ class Scheduler:
             gen = self.generator
             job.row = Row(job.ids, gen.tokenizer, gen.eos_ids, job.options.ignore_eos, job.options.stop, True)
             try:
-                state, logits = prefill(self.batch.backend, job.ids)
+                state, logits = prefill(self.generator.backend, job.ids)
                 if self.metrics is not None:
                     self.metrics.prompt_tokens(len(job.ids))
                 self._advance(job, logits)

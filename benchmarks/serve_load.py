@@ -61,12 +61,13 @@ quantize(work / "gptedge-fp32", Int8DynamicConfig(), work / "gptedge-int8", max_
     return bundle
 
 
-def start_server(bundle: Path, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(bundle: Path, threads: int, max_batch: int, portable: bool) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "gptedge.runtime.cli", "serve", str(bundle), "--port", str(port),
-                             "--max-batch", str(max_batch), "--max-queue", "1024", "--threads", str(threads)],
+                             "--max-batch", str(max_batch), "--max-queue", "1024", "--threads", str(threads),
+                             *(["--portable-batch"] if portable else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -173,13 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--portable-batch", action="store_true", help="serve with --portable-batch (A/B of the batch graph)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     bundle = args.bundle or build_bundle(args.workdir)
     vocab = json.loads((bundle / "manifest.json").read_text())["architecture"]["vocab_size"]
     rng = np.random.default_rng(args.seed)
     prompts = [rng.integers(3, vocab, args.prompt_len - 4 + i % 8).tolist() for i in range(N_PROMPTS)]
-    server, url = start_server(bundle, args.threads, args.max_batch)
+    server, url = start_server(bundle, args.threads, args.max_batch, args.portable_batch)
     report: dict = {"bundle": str(bundle), "load_before": os.getloadavg()[0], "levels": {}}
     try:
         serial, wall = asyncio.run(run_clients(url, prompts, 1, args.new_tokens))
@@ -206,7 +208,8 @@ def print_report(report: dict, args: argparse.Namespace) -> None:
         print(json.dumps(report, indent=2))
         return
     one = report["levels"]["1"]["aggregate_tok_s"]
-    print(f"{report['bundle']}: {args.new_tokens} new tokens, greedy, {args.threads} threads, "
+    graph = "portable graph, padded" if args.portable_batch else "per-row lengths where the bundle has model_ort"
+    print(f"{report['bundle']} ({graph}): {args.new_tokens} new tokens, greedy, {args.threads} threads, "
           f"load {report['load_before']:.1f} -> {report['load_after']:.1f}")
     print("| clients | aggregate tok/s | x 1 client | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors | differ |")
     print("|---|---|---|---|---|---|---|")

@@ -114,9 +114,10 @@ async def run_clients(url: str, prompts: list[list[int]], clients: int, new_toke
                 i = todo.pop(0)
                 results[i] = await stream_one(client, url, prompts[i], new_tokens)
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - start
+    results[0]["client_cpu_s"] = time.process_time() - cpu  # the load generator shares the CPUs
     return results, wall
 
 
@@ -128,6 +129,7 @@ def summarize(results: list[dict], wall: float, reference: list[str] | None) -> 
     mismatches = sum(1 for r, want in zip(results, reference or []) if r.get("text") != want)
     ms = lambda xs, q: round(1000 * float(np.percentile(xs, q)), 1) if xs else None  # noqa: E731
     return {"requests": len(results), "tokens": tokens, "wall_s": round(wall, 2),
+            "client_cpu_share": round(results[0].get("client_cpu_s", 0.0) / wall, 2),
             "aggregate_tok_s": round(tokens / wall, 1), "ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99),
             "itl_p50_ms": ms(itl, 50), "itl_p99_ms": ms(itl, 99), "errors": errors, "mismatches": mismatches}
 
@@ -211,11 +213,13 @@ def print_report(report: dict, args: argparse.Namespace) -> None:
     graph = "portable graph, padded" if args.portable_batch else "per-row lengths where the bundle has model_ort"
     print(f"{report['bundle']} ({graph}): {args.new_tokens} new tokens, greedy, {args.threads} threads, "
           f"load {report['load_before']:.1f} -> {report['load_after']:.1f}")
-    print("| clients | aggregate tok/s | x 1 client | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors | differ |")
-    print("|---|---|---|---|---|---|---|")
+    print("| clients | aggregate tok/s | x 1 client | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors | differ "
+          "| client CPU |")
+    print("|---|---|---|---|---|---|---|---|")
     for clients, s in report["levels"].items():
         print(f"| {clients} | {s['aggregate_tok_s']} | {s['aggregate_tok_s'] / one:.2f} | {s['ttft_p50_ms']} / "
-              f"{s['ttft_p99_ms']} | {s['itl_p50_ms']} / {s['itl_p99_ms']} | {s['errors']} | {s['mismatches']} |")
+              f"{s['ttft_p99_ms']} | {s['itl_p50_ms']} / {s['itl_p99_ms']} | {s['errors']} | {s['mismatches']} "
+              f"| {s['client_cpu_share']:.2f} |")
     if "soak" in report:
         print("soak:", json.dumps(report["soak"]))
     print("server exit status after SIGTERM:", report["server_exit"])

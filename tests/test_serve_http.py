@@ -116,6 +116,8 @@ def test_bad_requests_name_the_problem(server):
         assert r.status_code == 422 and r.json()["error"]["param"] == field, (body, r.text)
     long = httpx.post(url, json={"prompt": "w1 " * (CONTEXT + 5), "max_tokens": 4})
     assert long.status_code == 400 and f"context of {CONTEXT} tokens" in long.json()["error"]["message"]
+    blank = httpx.post(url, json={"prompt": "   ", "max_tokens": 2})
+    assert blank.status_code == 400 and "no tokens" in blank.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError, match="vocabulary"):
         _client(server).completions.create(model="bundle", prompt=[5, 100000], max_tokens=2)
     chat = httpx.post(server + "/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]})

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from gptedge.runtime.backend import availability, create_backend
 from gptedge.runtime.bundle import load_bundle
-from gptedge.runtime.errors import GptEdgeError
+from gptedge.runtime.errors import GenerationError, GptEdgeError
 from gptedge.runtime.generate import Generator
 from gptedge.runtime.sampling import SamplingOptions
 from gptedge.runtime.serve.metrics import Metrics
@@ -114,7 +114,7 @@ def _routes(app: FastAPI, generator: Generator, scheduler: Scheduler, metrics: M
     async def completions(body: CompletionRequest, request: Request) -> Response:
         ids = generator.encode(body.prompt)
         max_new = body.max_tokens or DEFAULT_COMPLETION_TOKENS
-        ids = generator.fit_to_context(ids, max_new)
+        _check_fits(generator, ids, max_new)
         bridge = _Bridge()
         job = Job(ids, _options(body, max_new), bridge.sink, logprobs=body.logprobs)
         return await _respond(request, scheduler, job, bridge, Envelope("text_completion", model),
@@ -127,11 +127,22 @@ def _routes(app: FastAPI, generator: Generator, scheduler: Scheduler, metrics: M
         ids = chat_ids(generator, body.template_messages())
         # without a limit a reply may fill the context (OpenAI's chat default)
         max_new = body.max_completion_tokens or body.max_tokens or max(generator.max_context - len(ids), 1)
-        ids = generator.fit_to_context(ids, max_new)
+        _check_fits(generator, ids, max_new)
         bridge = _Bridge()
         job = Job(ids, _options(body, max_new), bridge.sink)
         return await _respond(request, scheduler, job, bridge, Envelope("chat.completion", model),
                               body.include_usage, body.stream)
+
+
+def _check_fits(generator: Generator, ids: list[int], max_new: int) -> None:
+    """A GenerationError (answered 400) when the prompt is empty or prompt + max_tokens exceed the
+    model's context."""
+    if not ids:
+        raise GenerationError("the prompt encodes to no tokens; send some text or token ids")
+    if len(ids) + max_new > generator.max_context:
+        raise GenerationError(f"the prompt has {len(ids)} tokens and max_tokens is {max_new}: together more than "
+                              f"the model's context of {generator.max_context} tokens; shorten the prompt or "
+                              f"lower max_tokens (at most {max(generator.max_context - len(ids), 0)})")
 
 
 def _options(body: CompletionRequest | ChatRequest, max_new: int) -> SamplingOptions:

@@ -235,6 +235,10 @@ class Scheduler:
             except GptEdgeError as exc:
                 self._emit(job, Update(error=str(exc)))
                 continue
+            except Exception:  # noqa: BLE001 - one request's prefill failing must not fail the batch
+                log.exception("prefill of a %d-token prompt failed", len(job.ids))
+                self._emit(job, Update(error="internal error while reading the prompt (see the server log)"))
+                continue
             if not job.done:
                 self._last[job] = job.row.tokens[-1]
                 joiners.append(Joiner(job, state, len(job.ids)))

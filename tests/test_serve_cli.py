@@ -1,5 +1,5 @@
-"""`gptedge serve` as users run it (a subprocess): GPTEDGE_API_KEY, and SIGTERM lets an open stream
-finish, then the process exits 0."""
+"""`gptedge serve` as users run it (a subprocess): GPTEDGE_API_KEY, and SIGTERM closes the listening
+socket at once, lets an open stream finish, then the process exits 0."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -39,23 +40,37 @@ def test_sigterm_finishes_the_open_stream_and_exits_0(tmp_path_factory):
                 assert time.monotonic() < deadline, "server did not come up"
                 time.sleep(0.1)
         assert httpx.get(url + "/v1/models").status_code == 401  # the key came from GPTEDGE_API_KEY
-        body = {"prompt": "w1 w2", "max_tokens": 600, "temperature": 0, "ignore_eos": True, "stream": True,
+        body = {"prompt": "w1 w2", "max_tokens": 1000, "temperature": 0, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
+        signalled = threading.Event()
 
         def read_stream() -> list[str]:
             with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60,
                               headers={"Authorization": "Bearer k1"}) as r:
                 lines = []
                 for line in r.iter_lines():
-                    if line and len(lines) == 0:
+                    if line and not lines:
                         proc.send_signal(signal.SIGTERM)  # mid-stream
+                        signalled.set()
                     if line:
                         lines.append(line)
+                        time.sleep(0.002)  # a slow reader keeps the stream open for ~2 s
                 return lines
 
         with ThreadPoolExecutor(1) as pool:
-            lines = pool.submit(read_stream).result(timeout=60)
-        assert lines[-1] == "data: [DONE]" and '"completion_tokens": 600' in lines[-2]
+            reading = pool.submit(read_stream)
+            assert signalled.wait(30)
+            deadline = time.monotonic() + 5
+            while True:  # the listening socket closes at once; the open stream goes on
+                try:
+                    httpx.get(url + "/health", timeout=1)
+                except httpx.ConnectError:
+                    break
+                assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
+                time.sleep(0.02)
+            assert not reading.done()
+            lines = reading.result(timeout=60)
+        assert lines[-1] == "data: [DONE]" and '"completion_tokens": 1000' in lines[-2]
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:

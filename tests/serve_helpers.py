@@ -14,12 +14,12 @@ from test_chat import CHATML, chatml_tokenizer
 
 from gptedge.exporter import ExportConfig, export
 
-CONTEXT = 1024  # long enough that a request can outlast its client's disconnect
+CONTEXT = 4096  # long enough (~1 s of decoding) that a request outlasts a client's disconnect or a 429 check
 _BUNDLE: list[Path] = []  # exported once per test session, shared by the serving test modules
 
 
 def chat_bundle(tmp_path_factory) -> Path:
-    """The ChatML test model, exported once per session (context 1024, with model_last and model_ort)."""
+    """The ChatML test model, exported once per session (context 4096, with model_last and model_ort)."""
     if _BUNDLE:
         return _BUNDLE[0]
     root = tmp_path_factory.mktemp("serve")

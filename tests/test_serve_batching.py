@@ -94,9 +94,10 @@ def test_cancelled_row_leaves_at_the_next_boundary(generator, alone, portable):
 
 
 def test_full_queue_is_refused_with_retry_after(generator):
-    scheduler = Scheduler(generator, max_batch=1, max_queue=2)
-    for _ in range(2):
-        scheduler.submit(Job([5, 6], _options(4, True, 0.0, None), lambda u: None))
-    with pytest.raises(QueueFullError, match="--max-queue") as info:
-        scheduler.submit(Job([5, 6], _options(4, True, 0.0, None), lambda u: None))
-    assert info.value.retry_after >= 1
+    for max_queue in (2, 0):
+        scheduler = Scheduler(generator, max_batch=1, max_queue=max_queue)
+        for _ in range(1 + max_queue):  # the free row, then the queue
+            scheduler.submit(Job([5, 6], _options(4, True, 0.0, None), lambda u: None))
+        with pytest.raises(QueueFullError, match="--max-queue") as info:
+            scheduler.submit(Job([5, 6], _options(4, True, 0.0, None), lambda u: None))
+        assert info.value.retry_after >= 1

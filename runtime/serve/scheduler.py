@@ -129,11 +129,13 @@ class Scheduler:
 
     # -- the web side ---------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
-        """Queue ``job``; QueueFullError when ``max_queue`` requests already wait."""
+        """Queue ``job``; QueueFullError when the batch is full and ``max_queue`` requests already
+        wait (``max_queue`` 0: no waiting, only free rows take requests)."""
         with self._cond:
             if self._stopping:
                 raise ShuttingDownError("the server is shutting down; send the request to another replica")
-            if len(self._pending) >= self.max_queue:
+            # requests that will wait: those beyond the batch's free rows (admitted at the next boundary)
+            if len(self._pending) - max(self.max_batch - len(self._last), 0) >= self.max_queue:
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting, --max-queue); "
                                      "retry later", retry_after=self._retry_after())
             self._pending.append(job)

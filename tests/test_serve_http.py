@@ -111,7 +111,8 @@ def test_bad_requests_name_the_problem(server):
     assert bad_json.status_code == 400 and "error" in bad_json.json()
     for body, field in [({"prompt": "w1", "temperature": -1}, "temperature"), ({"prompt": "w1", "n": 2}, "n"),
                         ({"prompt": "w1", "max_tokens": "many"}, "max_tokens"), ({}, "prompt"),
-                        ({"prompt": "w1", "logprobs": 9}, "logprobs")]:
+                        ({"prompt": "w1", "logprobs": 9}, "logprobs"),
+                        ({"prompt": "w1", "presence_penalty": 0.5}, "presence_penalty")]:
         r = httpx.post(url, json=body)
         assert r.status_code == 422 and r.json()["error"]["param"] == field, (body, r.text)
     long = httpx.post(url, json={"prompt": "w1 " * (CONTEXT + 5), "max_tokens": 4})

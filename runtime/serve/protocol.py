@@ -1,8 +1,9 @@
 """The OpenAI wire format the server speaks: request models (pydantic validates every field and
 names the bad one) and the JSON bodies of responses and stream chunks.
 
-Fields of OpenAI's API that do not change what a single-sequence decoder does (``user``,
-``logit_bias`` ...) are accepted and ignored, as other OpenAI-compatible servers do; ``n`` must be 1.
+Fields of OpenAI's API that do not change the output (``user``, ``metadata`` ...) are accepted and
+ignored, as other OpenAI-compatible servers do; ``n`` must be 1, and ``presence_penalty``,
+``frequency_penalty`` and ``logit_bias`` are accepted only at their neutral values.
 ``ignore_eos`` is an extension (as in vLLM): keep generating past EOS, for load tests.
 """
 
@@ -38,6 +39,11 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    # accepted so that clients which always send them work; a value that would change the output
+    # is refused rather than silently ignored
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: 0 only")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: 0 only")
+    logit_bias: dict[str, float] | None = Field(None, max_length=0, description="not supported: empty only")
 
     @field_validator("stop")
     @classmethod

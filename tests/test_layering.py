@@ -61,7 +61,8 @@ def test_importing_the_runtime_loads_no_torch_tensorrt_or_server(tmp_path):
     import sys
 
     code = ("import sys, gptedge.runtime; "
-            "print(' '.join(m for m in ('torch', 'tensorrt', 'uvicorn', 'starlette', 'transformers') "
+            "print(' '.join(m for m in ('torch', 'tensorrt', 'uvicorn', 'starlette', 'fastapi', 'prometheus_client', "
+            "'transformers') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

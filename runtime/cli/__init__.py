@@ -33,10 +33,12 @@ COMMANDS: list[tuple[str, str, str | None]] = [
     ("build", "gptedge.runtime.cli.build_cmd", None),
     ("triton", "gptedge.runtime.cli.triton_cmd", None),
     ("demo", "gptedge.runtime.cli.demo_cmd", "export"),
+    ("serve", "gptedge.runtime.cli.serve_cmd", "serve"),
 ]
 
 # Packages that come with an extra (pyproject's optional-dependencies), not with gptedge itself.
-EXTRA_PACKAGES = ("torch", "safetensors", "onnxscript", "transformers")
+EXTRA_PACKAGES = ("torch", "safetensors", "onnxscript", "transformers", "fastapi", "uvicorn", "starlette",
+                  "pydantic", "prometheus_client")
 MISSING_EXTRA_EXIT = 11
 INTERNAL_ERROR_EXIT = 70  # an unexpected exception: a gptedge bug (EX_SOFTWARE)
 

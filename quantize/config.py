@@ -20,6 +20,7 @@ CALIB_METHODS = ("minmax", "percentile", "entropy")
 PRUNE_METHODS = ("magnitude", "wanda", "2:4", "structured")
 INT4_FORMATS = ("matmulnbits", "qdq")
 INT8_KERNELS = ("matmulinteger", "matmulnbits")
+WEIGHT_ALGORITHMS = ("activation-mse", "mse", "rtn")  # gptedge.quantize.weight_only
 
 
 def _fail(problems: list[str], what: str) -> None:
@@ -61,6 +62,7 @@ class Int8DynamicConfig:
     kernel: str = "matmulnbits"
     block_size: int = 128
     accuracy_level: int = 4
+    algorithm: str | None = "rtn"
     mode: ClassVar[str] = "int8-dynamic"
     default_budget: ClassVar[float | None] = QUALITY_BUDGET_PERCENT["int8-dynamic"]
 
@@ -72,6 +74,8 @@ class Int8DynamicConfig:
             problems.append(f"block_size={self.block_size!r} must be a power of two >= 16")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             problems.append(f"accuracy_level={self.accuracy_level!r} must be 0-4")
+        if self.algorithm is not None and self.algorithm not in WEIGHT_ALGORITHMS:
+            problems.append(f"algorithm={self.algorithm!r} must be one of {WEIGHT_ALGORITHMS} or None")
         _fail(problems, "Int8DynamicConfig")
 
 
@@ -129,6 +133,8 @@ class Int4Config:
     block_size: int = 32
     accuracy_level: int = 4
     format: str = "matmulnbits"
+    algorithm: str | None = None
+    calib_windows: int = 16
     mode: ClassVar[str] = "int4"
     default_budget: ClassVar[float | None] = QUALITY_BUDGET_PERCENT["int4"]
 
@@ -140,6 +146,10 @@ class Int4Config:
             problems.append(f"accuracy_level={self.accuracy_level} must be 0..4")
         if self.format not in INT4_FORMATS:
             problems.append(f"format={self.format!r} must be one of {INT4_FORMATS}")
+        if self.algorithm is not None and self.algorithm not in WEIGHT_ALGORITHMS:
+            problems.append(f"algorithm={self.algorithm!r} must be one of {WEIGHT_ALGORITHMS} or None")
+        if not isinstance(self.calib_windows, int) or self.calib_windows < 1:
+            problems.append(f"calib_windows={self.calib_windows!r} must be a positive integer")
         _fail(problems, "Int4Config")
 
 

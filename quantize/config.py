@@ -49,18 +49,19 @@ class Fp16Config:
 class Int8DynamicConfig:
     """Int8 weights, activations quantized to int8 at run time (ORT CPU only).
 
-    ``kernel="matmulnbits"`` (default): ``com.microsoft.MatMulNBits`` with 8 bits, symmetric blocks
-    of ``block_size`` input channels and ``accuracy_level`` 4 (int8 compute: the VNNI/AMX kernels),
-    as onnxruntime-genai's int8 does; 1.2x the decode speed of ``kernel="matmulinteger"``
-    (benchmarks/NOTES.md): per-channel (``per_channel``) int8 weights through onnxruntime's
-    ``quantize_dynamic`` (``MatMulInteger``/``DynamicQuantizeMatMul``). ``block_size`` 128 (genai
-    uses 32): +20 % decode on Llama 125M, and the same perplexity as 32 on a trained model.
-    Every linear layer is quantized, the LM head included. The bundle is CPU-only.
+    ``kernel="matmulnbits"`` (default): ``com.microsoft.MatMulNBits`` with 8 bits, asymmetric blocks
+    of ``block_size`` input channels (uint8 zero points) and ``accuracy_level`` 4 (int8 compute: the
+    VNNI/AMX kernels; 8-bit MatMulNBits has no fast fp32-compute kernel). ``block_size`` 32: on
+    SmolLM2 +0.46 % perplexity at 73 tok/s, where 128 costs +1.09 % at 104 tok/s (README). The LM
+    head is included; a tied embedding table reads the head's own uint8 tensor.
+    ``algorithm``: see :mod:`gptedge.quantize.weight_only` (at 8 bits plain rounding is enough).
+    ``kernel="matmulinteger"``: per-channel (``per_channel``) int8 weights through onnxruntime's
+    ``quantize_dynamic`` (``MatMulInteger``/``DynamicQuantizeMatMul``). The bundle is CPU-only.
     """
 
     per_channel: bool = True
     kernel: str = "matmulnbits"
-    block_size: int = 128
+    block_size: int = 32
     accuracy_level: int = 4
     algorithm: str | None = "rtn"
     mode: ClassVar[str] = "int8-dynamic"
@@ -122,12 +123,16 @@ class Int8Config:
 
 @dataclass(frozen=True)
 class Int4Config:
-    """Weight-only int4, symmetric, in blocks of ``block_size`` input channels.
+    """Weight-only int4 in asymmetric blocks of ``block_size`` input channels; the LM head (and a
+    tied embedding table with it) in int8.
 
     ``format="matmulnbits"``: onnxruntime's ``MatMulNBits`` (com.microsoft, CPU-only);
     ``accuracy_level`` is its compute type (4 = int8 activations). ``format="qdq"``: standard
-    ONNX blocked ``DequantizeLinear`` (int4, opset 21) + ``MatMul``, which TensorRT runs as
-    weight-only INT4.
+    ONNX blocked ``DequantizeLinear`` (int4, opset 21, zero-point 0) + ``MatMul``, which TensorRT
+    runs as weight-only INT4; the zero points ride on a small float offset path.
+    ``algorithm``: ``activation-mse`` (needs calibration text), ``mse``, ``rtn``; None picks
+    ``activation-mse`` when calibration text is given, else ``mse``
+    (:mod:`gptedge.quantize.weight_only`). ``calib_windows``: windows for the activation statistics.
     """
 
     block_size: int = 32

@@ -126,8 +126,12 @@ def test_int4_qdq_is_standard_symmetric_with_an_int8_table(tied, calib, tmp_path
     assert inits["lm_head.weight_t_int8"].data_type == onnx.TensorProto.INT8
     assert list(inits["lm_head.weight_t_scale"].dims) == [TIED.vocab_size]  # one scale per row
     # onnxruntime's generation graph gathers int8 rows instead of dequantizing the table per call
-    variant, _ = _nodes(out.path / "model_ort.onnx", "DequantizeLinear")
+    variant, variant_model = _nodes(out.path / "model_ort.onnx", "DequantizeLinear")
     assert [n.name for n in variant if n.input[0] == "lm_head.weight_t_int8"] == ["/lm_head/weight/DequantizeLinear"]
+    # ... from aliases of the same bytes, so that the head's DequantizeLinear -> MatMul stays fusable
+    gathers = {n.input[0] for n in variant_model.graph.node if n.op_type == "Gather"}
+    assert {"lm_head.weight_t_int8.lookup", "lm_head.weight_t_scale.lookup"} <= gathers
+    assert sorted(p.name for p in out.path.glob("*.data")) == ["model.onnx.data"]
     assert out.manifest.files["model_ort"]["parity_max_abs_diff"] < 1e-3
     ids = np.array([[2, 4, 8, 16, 32]], np.int64)
     source, quantized = _logits(tied / "model.onnx", ids), _logits(out.model_path, ids)

@@ -13,6 +13,7 @@ from conftest import shared_file
 
 from gptedge.exporter import ExportConfig, export
 from gptedge.quantize import Fp16Config, Int4Config, Int8Config, Int8DynamicConfig, quantize
+from gptedge.quantize.api import bundle_size_mb
 from gptedge.runtime import load
 from gptedge.runtime.bundle import load_bundle
 
@@ -65,12 +66,16 @@ def test_fp16_answers_like_fp32(smol, tmp_path):
     assert _reply(fp16.path) == _reply(smol.path)
 
 
-@pytest.mark.parametrize("config", [Int8DynamicConfig(), Int4Config(), Int4Config(format="qdq")],
+@pytest.mark.parametrize(("config", "max_mb"), [(Int8DynamicConfig(), 160), (Int4Config(), 110),
+                                               (Int4Config(format="qdq"), 110)],
                          ids=["int8-dynamic", "int4", "int4-qdq"])
-def test_weight_only_modes_run_and_answer(smol, tmp_path, config):
+def test_weight_only_modes_run_and_answer(smol, tmp_path, config, max_mb):
     out = quantize(smol.path, config, tmp_path / "out")
     text, _ = _reply(out.path)
     assert text.startswith("The capital of France is Paris")
+    # issue 16's sizes: the tied table is one int8 copy serving the lookup and the head
+    assert bundle_size_mb(out) <= max_mb
+    assert out.manifest.history[-1]["lm_head"]["tied_table_shared"]
 
 
 def test_int8_static_runs(smol, tmp_path):

@@ -133,6 +133,9 @@ class Int4Config:
     ``algorithm``: ``activation-mse`` (needs calibration text), ``mse``, ``rtn``; None picks
     ``activation-mse`` when calibration text is given, else ``mse``
     (:mod:`gptedge.quantize.weight_only`). ``calib_windows``: windows for the activation statistics.
+    ``zero_points="float"``: exact float zero points through the offset path (a GGUF Q4_1 grid comes
+    back exactly); ``"integer"`` (``matmulnbits`` only): uint4 zero points inside MatMulNBits, no
+    offset path (fewer nodes per layer, but a float-minimum grid is only approximated).
     """
 
     block_size: int = 32
@@ -140,6 +143,7 @@ class Int4Config:
     format: str = "matmulnbits"
     algorithm: str | None = None
     calib_windows: int = 16
+    zero_points: str = "float"
     mode: ClassVar[str] = "int4"
     default_budget: ClassVar[float | None] = QUALITY_BUDGET_PERCENT["int4"]
 
@@ -153,6 +157,11 @@ class Int4Config:
             problems.append(f"format={self.format!r} must be one of {INT4_FORMATS}")
         if self.algorithm is not None and self.algorithm not in WEIGHT_ALGORITHMS:
             problems.append(f"algorithm={self.algorithm!r} must be one of {WEIGHT_ALGORITHMS} or None")
+        if self.zero_points not in ("float", "integer"):
+            problems.append(f"zero_points={self.zero_points!r} must be 'float' or 'integer'")
+        elif self.zero_points == "integer" and self.format == "qdq":
+            problems.append("zero_points='integer' needs format='matmulnbits' (TensorRT's DequantizeLinear "
+                            "wants zero-point 0)")
         if not isinstance(self.calib_windows, int) or self.calib_windows < 1:
             problems.append(f"calib_windows={self.calib_windows!r} must be a positive integer")
         _fail(problems, "Int4Config")

@@ -33,7 +33,8 @@ def to_int4(job: Job, config: Int4Config) -> None:
         for model in job.graphs.values():
             set_opset(model, QDQ_OPSET)
     plan = Plan(bits=4, block=block, form=config.format, accuracy_level=config.accuracy_level,
-                algorithm=config.algorithm, calib_windows=config.calib_windows)
+                algorithm=config.algorithm, calib_windows=config.calib_windows,
+                integer_zero=config.zero_points == "integer")
     job.record.update(quantize_weights(job, plan))
     job.precision.update(weights="int4", weight_block_size=block, weight_zero_points=True, lm_head="int8")
     if config.format == "matmulnbits":

@@ -47,6 +47,7 @@ class Plan:
     accuracy_level: int
     algorithm: str | None
     calib_windows: int = 16
+    integer_zero: bool = False  # uint zero points inside MatMulNBits (always at 8 bits) instead of the offset path
 
 
 def quantize_weights(job: Job, plan: Plan) -> dict[str, Any]:
@@ -66,9 +67,10 @@ def quantize_weights(job: Job, plan: Plan) -> dict[str, Any]:
             continue
         weight = get_array(model, lin.weight).astype(np.float32)
         done[lin.weight] = quantize_blocks(weight, plan.block, plan.bits, importance.get(lin.weight),
-                                           search=algorithm != "rtn", integer_zero=plan.bits == 8)
+                                           search=algorithm != "rtn", integer_zero=_integer(plan))
     tied = _write(job, plan, done, head, importance)
-    record: dict[str, Any] = {"algorithm": algorithm, "zero_points": True, "bits": plan.bits,
+    record: dict[str, Any] = {"algorithm": algorithm, "bits": plan.bits,
+                              "zero_points": "integer" if _integer(plan) else "float (offset path)",
                               "block_size": plan.block, "format": plan.form}
     if head is not None:
         record["lm_head"] = {"weight": head.weight, "bits": 8, "tied_table_shared": tied,
@@ -77,6 +79,10 @@ def quantize_weights(job: Job, plan: Plan) -> dict[str, Any]:
     if algorithm == "activation-mse":
         record["calib_windows"] = plan.calib_windows
     return record
+
+
+def _integer(plan: Plan) -> bool:
+    return plan.form == "matmulnbits" and (plan.bits == 8 or plan.integer_zero)
 
 
 def _algorithm(job: Job, plan: Plan) -> str:
@@ -100,7 +106,7 @@ def _write(job: Job, plan: Plan, done: dict[str, Blocks], head, importance) -> b
                 raise BundleError(f"{role}: linear layer {lin.weight} is not in model.onnx; re-export the bundle")
             if plan.form == "matmulnbits":
                 replace_with_matmulnbits(model, lin, done[lin.weight], plan.accuracy_level,
-                                         integer_zero=plan.bits == 8)
+                                         integer_zero=_integer(plan))
             else:
                 replace_with_blocked_dq(model, lin, done[lin.weight])
         if head is not None:

@@ -20,6 +20,7 @@ CALIB_METHODS = ("minmax", "percentile", "entropy")
 PRUNE_METHODS = ("magnitude", "wanda", "2:4", "structured")
 INT4_FORMATS = ("matmulnbits", "qdq")
 INT8_KERNELS = ("matmulinteger", "matmulnbits")
+WEIGHT_ALGORITHMS = ("activation-mse", "mse", "rtn")  # gptedge.quantize.weight_only
 
 
 def _fail(problems: list[str], what: str) -> None:
@@ -48,19 +49,21 @@ class Fp16Config:
 class Int8DynamicConfig:
     """Int8 weights, activations quantized to int8 at run time (ORT CPU only).
 
-    ``kernel="matmulnbits"`` (default): ``com.microsoft.MatMulNBits`` with 8 bits, symmetric blocks
-    of ``block_size`` input channels and ``accuracy_level`` 4 (int8 compute: the VNNI/AMX kernels),
-    as onnxruntime-genai's int8 does; 1.2x the decode speed of ``kernel="matmulinteger"``
-    (benchmarks/NOTES.md): per-channel (``per_channel``) int8 weights through onnxruntime's
-    ``quantize_dynamic`` (``MatMulInteger``/``DynamicQuantizeMatMul``). ``block_size`` 128 (genai
-    uses 32): +20 % decode on Llama 125M, and the same perplexity as 32 on a trained model.
-    Every linear layer is quantized, the LM head included. The bundle is CPU-only.
+    ``kernel="matmulnbits"`` (default): ``com.microsoft.MatMulNBits`` with 8 bits, asymmetric blocks
+    of ``block_size`` input channels (uint8 zero points) and ``accuracy_level`` 4 (int8 compute: the
+    VNNI/AMX kernels; 8-bit MatMulNBits has no fast fp32-compute kernel). ``block_size`` 32: on
+    SmolLM2 +0.46 % perplexity at 73 tok/s, where 128 costs +1.09 % at 104 tok/s (README). The LM
+    head is included; a tied embedding table reads the head's own uint8 tensor.
+    ``algorithm``: see :mod:`gptedge.quantize.weight_only` (at 8 bits plain rounding is enough).
+    ``kernel="matmulinteger"``: per-channel (``per_channel``) int8 weights through onnxruntime's
+    ``quantize_dynamic`` (``MatMulInteger``/``DynamicQuantizeMatMul``). The bundle is CPU-only.
     """
 
     per_channel: bool = True
     kernel: str = "matmulnbits"
-    block_size: int = 128
+    block_size: int = 32
     accuracy_level: int = 4
+    algorithm: str | None = "rtn"
     mode: ClassVar[str] = "int8-dynamic"
     default_budget: ClassVar[float | None] = QUALITY_BUDGET_PERCENT["int8-dynamic"]
 
@@ -72,6 +75,8 @@ class Int8DynamicConfig:
             problems.append(f"block_size={self.block_size!r} must be a power of two >= 16")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             problems.append(f"accuracy_level={self.accuracy_level!r} must be 0-4")
+        if self.algorithm is not None and self.algorithm not in WEIGHT_ALGORITHMS:
+            problems.append(f"algorithm={self.algorithm!r} must be one of {WEIGHT_ALGORITHMS} or None")
         _fail(problems, "Int8DynamicConfig")
 
 
@@ -118,17 +123,27 @@ class Int8Config:
 
 @dataclass(frozen=True)
 class Int4Config:
-    """Weight-only int4, symmetric, in blocks of ``block_size`` input channels.
+    """Weight-only int4 in asymmetric blocks of ``block_size`` input channels; the LM head (and a
+    tied embedding table with it) in int8.
 
     ``format="matmulnbits"``: onnxruntime's ``MatMulNBits`` (com.microsoft, CPU-only);
     ``accuracy_level`` is its compute type (4 = int8 activations). ``format="qdq"``: standard
-    ONNX blocked ``DequantizeLinear`` (int4, opset 21) + ``MatMul``, which TensorRT runs as
-    weight-only INT4.
+    ONNX blocked ``DequantizeLinear`` (int4, opset 21, zero-point 0) + ``MatMul``, which TensorRT
+    runs as weight-only INT4; the zero points ride on a small float offset path.
+    ``algorithm``: ``activation-mse`` (needs calibration text), ``mse``, ``rtn``; None picks
+    ``activation-mse`` when calibration text is given, else ``mse``
+    (:mod:`gptedge.quantize.weight_only`). ``calib_windows``: windows for the activation statistics.
+    ``zero_points="float"``: exact float zero points through the offset path (a GGUF Q4_1 grid comes
+    back exactly); ``"integer"`` (``matmulnbits`` only): uint4 zero points inside MatMulNBits, no
+    offset path (fewer nodes per layer, but a float-minimum grid is only approximated).
     """
 
     block_size: int = 32
     accuracy_level: int = 4
     format: str = "matmulnbits"
+    algorithm: str | None = None
+    calib_windows: int = 16
+    zero_points: str = "float"
     mode: ClassVar[str] = "int4"
     default_budget: ClassVar[float | None] = QUALITY_BUDGET_PERCENT["int4"]
 
@@ -140,6 +155,15 @@ class Int4Config:
             problems.append(f"accuracy_level={self.accuracy_level} must be 0..4")
         if self.format not in INT4_FORMATS:
             problems.append(f"format={self.format!r} must be one of {INT4_FORMATS}")
+        if self.algorithm is not None and self.algorithm not in WEIGHT_ALGORITHMS:
+            problems.append(f"algorithm={self.algorithm!r} must be one of {WEIGHT_ALGORITHMS} or None")
+        if self.zero_points not in ("float", "integer"):
+            problems.append(f"zero_points={self.zero_points!r} must be 'float' or 'integer'")
+        elif self.zero_points == "integer" and self.format == "qdq":
+            problems.append("zero_points='integer' needs format='matmulnbits' (TensorRT's DequantizeLinear "
+                            "wants zero-point 0)")
+        if not isinstance(self.calib_windows, int) or self.calib_windows < 1:
+            problems.append(f"calib_windows={self.calib_windows!r} must be a positive integer")
         _fail(problems, "Int4Config")
 
 

@@ -1,9 +1,11 @@
-"""Dynamic int8 for the ORT CPU: per-channel int8 weights, activations quantized at run time.
+"""Int8 weights for the ORT CPU, activations quantized to int8 at run time.
 
-onnxruntime's ``quantize_dynamic`` restricted to our linear layers (LM head included). Our graphs
-keep the LM head untied (``lm_head.weight_t`` is its own initializer), so it is quantized like
-any layer instead of dequantizing a full matrix every step. Every listed layer must come out
-quantized, or this raises.
+``kernel="matmulnbits"`` (default): 8-bit ``MatMulNBits`` with asymmetric blocks (uint8 zero
+points) from :mod:`gptedge.quantize.weight_only`, accuracy level 4 (int8 compute: the activations
+are quantized per block at run time); the LM head included, and a tied table serves the lookup
+from the same uint8 tensor. ``kernel="matmulinteger"``: onnxruntime's ``quantize_dynamic``
+restricted to our linear layers (per-channel int8, ``MatMulInteger``). Every listed layer must come
+out quantized, or this raises.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from gptedge.quantize.config import Int8DynamicConfig
 from gptedge.quantize.graph_utils import linear_layers
-from gptedge.quantize.int4 import fitted_block, matmulnbits
+from gptedge.quantize.int4 import fitted_block
 from gptedge.quantize.job import Job
 from gptedge.quantize.registry import handler
+from gptedge.quantize.weight_only import Plan, quantize_weights
 from gptedge.runtime.errors import BundleError
 
 
@@ -28,22 +31,16 @@ def to_int8_dynamic(job: Job, config: Int8DynamicConfig) -> None:
     job.require_source_precision("int8-dynamic")
     job.record["layers_quantized"] = [lin.weight for lin in linear_layers(job.graphs["model"])]
     block = fitted_block(job.graphs["model"], config.block_size)
-    for role, model in job.graphs.items():
-        if config.kernel == "matmulnbits":
-            job.graphs[role] = _matmulnbits8(model, config)
-        else:
+    if config.kernel == "matmulnbits":
+        plan = Plan(bits=8, block=block, form="matmulnbits", accuracy_level=config.accuracy_level,
+                    algorithm=config.algorithm)
+        job.record.update(quantize_weights(job, plan))
+        job.precision.update(weight_block_size=block, accuracy_level=config.accuracy_level,
+                             weight_zero_points=True)
+    else:
+        for role, model in job.graphs.items():
             job.graphs[role] = quantize_graph(model, config)
     job.precision.update(weights="int8", activations="int8-dynamic", cpu_only=True)
-    if config.kernel == "matmulnbits":
-        job.precision.update(weight_block_size=block, accuracy_level=config.accuracy_level)
-
-
-def _matmulnbits8(model: onnx.ModelProto, config: Int8DynamicConfig) -> onnx.ModelProto:
-    quantized = matmulnbits(model, config, bits=8)
-    left = [lin.weight for lin in linear_layers(quantized)]
-    if left:
-        raise BundleError(f"int8-dynamic left linear layers in float: {left}; report this with the bundle")
-    return quantized
 
 
 def quantize_graph(model: onnx.ModelProto, config: Int8DynamicConfig) -> onnx.ModelProto:

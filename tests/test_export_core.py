@@ -90,14 +90,16 @@ def test_tied_embedding_is_stored_once(gpt2_bundle):
     assert sorted(users) == ["Gather", "MatMul"]
 
 
-def test_quantizing_a_tied_bundle_unties_the_lookup_table(gpt2_bundle, tmp_path):
+def test_quantizing_a_tied_bundle_keeps_one_table(gpt2_bundle, tmp_path):
     from gptedge.quantize import Int4Config, quantize
     from gptedge.runtime import load
 
     out = quantize(gpt2_bundle, Int4Config(block_size=32), tmp_path / "int4")
     model = onnx.load(str(out.path / "model.onnx"), load_external_data=False)
-    gather_tables = [n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0].startswith("lm_head")]
-    assert gather_tables == ["lm_head.weight_t.untied"]  # the lookup stays float
+    lookups = [n.input[0] for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")
+               and n.input[0].startswith("lm_head")]
+    assert lookups == ["lm_head.weight_t_q"]  # the lookup reads the int8 head's own tensor
+    assert not [i.name for i in model.graph.initializer if i.name.startswith("lm_head.weight_t.untied")]
     assert not any(n.op_type == "MatMul" and "lm_head.weight_t" in n.input for n in model.graph.node)
     result = load(out.path).generate([1, 2, 3], max_new_tokens=4, ignore_eos=True)
     assert len(result.tokens) == 4

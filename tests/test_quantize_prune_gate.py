@@ -102,7 +102,8 @@ def test_int8_static_needs_calibration_and_fp32_source(trained, tmp_path):
 
 @pytest.mark.parametrize("make", [
     lambda: Int8Config(calib_method="mse"), lambda: Int8Config(smoothquant_alpha=2.0),
-    lambda: Int4Config(block_size=48), lambda: Int4Config(format="gptq"),
+    lambda: Int4Config(block_size=48), lambda: Int4Config(format="gptq"), lambda: Int4Config(algorithm="gptq"),
+    lambda: Int4Config(format="qdq", zero_points="integer"), lambda: Int4Config(calib_windows=0),
     lambda: PruneConfig(method="2:4", sparsity=0.7), lambda: PruneConfig(sparsity=1.0),
     lambda: PruneConfig(then=PruneConfig()), lambda: Fp16Config(keep_fp32=("not an op",))])
 def test_configs_validate_themselves(make):

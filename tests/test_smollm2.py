@@ -13,6 +13,7 @@ from conftest import shared_file
 
 from gptedge.exporter import ExportConfig, export
 from gptedge.quantize import Fp16Config, Int4Config, Int8Config, Int8DynamicConfig, quantize
+from gptedge.quantize.api import bundle_size_mb
 from gptedge.runtime import load
 from gptedge.runtime.bundle import load_bundle
 
@@ -65,12 +66,48 @@ def test_fp16_answers_like_fp32(smol, tmp_path):
     assert _reply(fp16.path) == _reply(smol.path)
 
 
-@pytest.mark.parametrize("config", [Int8DynamicConfig(), Int4Config(), Int4Config(format="qdq")],
+def _window_ppl(bundle_dir, windows: int = 4, length: int = 256) -> float:
+    """Issue 16's protocol on a sample: the first windows x length tokens of wiki.test.raw, each
+    window scored from its own start (README: 24 windows)."""
+    import numpy as np
+
+    from gptedge.quantize.text import encode
+    from gptedge.runtime.backend import create_backend
+
+    bundle = load_bundle(bundle_dir)
+    text = shared_file("wikitext-2-raw", "wiki.test.raw").read_text(encoding="utf-8")[:100_000]
+    ids = encode(bundle, text, "wiki.test.raw")[: windows * length].reshape(windows, length)
+    backend = create_backend("ort-cpu", bundle)
+    nll = 0.0
+    try:
+        for row in ids:
+            logits = backend.full_logits(row[None], np.ones((1, length), np.int64),
+                                         np.arange(length)[None])[0, :-1].astype(np.float64)
+            logits -= logits.max(axis=-1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+            nll -= float(logp[np.arange(length - 1), row[1:]].sum())
+    finally:
+        backend.close()
+    return float(np.exp(nll / (windows * (length - 1))))
+
+
+@pytest.mark.parametrize(("config", "max_mb", "max_pct"), [(Int8DynamicConfig(), 160, 1.0), (Int4Config(), 110, 3.0),
+                                                           (Int4Config(format="qdq"), 110, 3.0)],
                          ids=["int8-dynamic", "int4", "int4-qdq"])
-def test_weight_only_modes_run_and_answer(smol, tmp_path, config):
-    out = quantize(smol.path, config, tmp_path / "out")
-    text, _ = _reply(out.path)
-    assert text.startswith("The capital of France is Paris")
+def test_weight_only_modes_hold_quality_and_size(smol, tmp_path, config, max_mb, max_pct):
+    calib = shared_file("wikitext-2-raw", "wiki.valid.raw").read_text(encoding="utf-8")[:60_000]
+    (tmp_path / "calib.txt").write_text(calib, encoding="utf-8")
+    out = quantize(smol.path, config, tmp_path / "out", calib_text=tmp_path / "calib.txt", max_ppl_increase=100.0,
+                   max_tokens=1024)
+    # issue 16's budgets (int8-dynamic 0.5 %, int4 3 % on 24 windows; 4 windows here are noisier)
+    # and sizes: the tied table is one int8 copy serving the lookup and the head
+    assert _window_ppl(out.path) <= _window_ppl(smol.path) * (1 + max_pct / 100)
+    assert bundle_size_mb(out) <= max_mb
+    assert out.manifest.history[-1]["lm_head"]["tied_table_shared"]
+    # the chat reply: fp32 prefers "The" over "L" by 0.08 logits only, so a 4-bit model may open with
+    # either; what must hold is that it still generates through the ORT variant
+    text, tokens = _reply(out.path)
+    assert tokens and text.strip()
 
 
 def test_int8_static_runs(smol, tmp_path):

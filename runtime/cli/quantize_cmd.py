@@ -13,8 +13,8 @@ def register(subparsers) -> None:
     p.add_argument("bundle", type=Path, help="source bundle folder (float32)")
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle folder to write")
     p.add_argument("--mode", choices=MODES, required=True)
-    p.add_argument("--calib", type=Path, help="calibration text (int8, wanda); its last 10 %% gates quality "
-                                              "when --eval is not given")
+    p.add_argument("--calib", type=Path, help="calibration text (int8; int4 and int8-dynamic: the activation-aware "
+                                              "weight search; wanda); its last 10 %% gates quality when --eval is not given")
     p.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
     p.add_argument("--smoothquant", type=float, metavar="ALPHA", help="SmoothQuant strength for int8 (e.g. 0.5)")
     p.add_argument("--block-size", type=int, help="input channels per quantization block of int4 and "

@@ -70,6 +70,7 @@ def build(graph_path: Path, arch: Architecture, kv_dtype: str) -> onnx.ModelProt
     nodes = shared.nodes + [node for node in graph.node if not replaced.intersection(node.output)] + attention
     nodes = _ordered(nodes, graph)
     nodes, fused = fusions.fuse_all(nodes, graph)
+    nodes, fused["int8_lookup"] = fusions.int8_lookup(nodes, graph)
     log.debug("%s: fused %s", graph_path.name, fused)
     if _one_logits_row(graph):  # with every position's logits (prefill M = S) packing pays off
         nodes = fusions.unpacked_lm_head(nodes, graph)

@@ -104,10 +104,14 @@ def test_weight_only_modes_hold_quality_and_size(smol, tmp_path, config, max_mb,
     assert _window_ppl(out.path) <= _window_ppl(smol.path) * (1 + max_pct / 100)
     assert bundle_size_mb(out) <= max_mb
     assert out.manifest.history[-1]["lm_head"]["tied_table_shared"]
-    # the chat reply: fp32 prefers "The" over "L" by 0.08 logits only, so a 4-bit model may open with
-    # either; what must hold is that it still generates through the ORT variant
+    # the chat reply: fp32 prefers "The" over "L" by 0.08 logits only; int8-dynamic and int4-qdq keep
+    # fp32's sentence, int4 (MatMulNBits, calibrated search) opens with "L'Étoile" (also at fp32
+    # accuracy level, so it is the weights, not the kernel) and must still generate
     text, tokens = _reply(out.path)
-    assert tokens and text.strip()
+    if config.bits == 4 and config.format == "matmulnbits":
+        assert tokens and text.strip()
+    else:
+        assert text.startswith("The capital of France is Paris")
 
 
 def test_int8_static_runs(smol, tmp_path):

@@ -51,6 +51,8 @@ CASES: dict[str, tuple[str, dict, bool]] = {
     "olmo2-post-norms": ("olmo2", dict(), False),
     "smollm3-nope-window": ("smollm3", dict(no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=WINDOW),
                             True),
+    "gpt_bigcode-mqa": ("gpt_bigcode", dict(multi_query=True), True),
+    "gpt_bigcode-mha": ("gpt_bigcode", dict(multi_query=False), True),
     "starcoder2-window": ("starcoder2", dict(sliding_window=WINDOW, use_bias=True, norm_epsilon=1e-5), True),
 }
 

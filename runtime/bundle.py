@@ -30,6 +30,7 @@ POSITIONS = ("learned", "rope")
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "geglu_tanh")
 QK_NORMS = ("none", "head", "all")
 NORM_PLACEMENTS = ("pre", "pre_post", "post")
+PARALLEL_RESIDUALS = ("none", "shared_norm", "two_norms")
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,9 @@ class Architecture:
     Family switches (defaults: GPT-2 / Llama behaviour): ``sliding_window`` W makes a query attend
     to its W most recent cache entries (itself included) in the layers ``sliding_layers`` (None: all),
     whose RoPE base is ``rope_local_theta`` when set (Gemma 3); ``nope_layers`` use no position
-    encoding at all (SmolLM3). ``qk_norm`` RMS-normalises q and k
+    encoding at all (SmolLM3); ``rotary_dim`` rotates only the first features of each head (None:
+    all). ``parallel_residual`` adds attention and MLP outputs to the same input (``shared_norm``:
+    one norm feeds both, Phi; ``two_norms``: GPT-NeoX); ``lm_head_bias`` gives the head a bias. ``qk_norm`` RMS-normalises q and k
     per head (``"head"``, Qwen3) or over all heads (``"all"``, OLMo 2). ``norm_offset`` is added to
     norm weights (Gemma's ``1 + w``); ``norm_placement`` ``"pre_post"`` also normalises each
     sub-block's output (Gemma 2/3), ``"post"`` only its output (OLMo 2). ``embed_scale`` multiplies
@@ -75,6 +78,9 @@ class Architecture:
     sliding_layers: list[int] | None = None
     rope_local_theta: float | None = None
     nope_layers: list[int] | None = None
+    rotary_dim: int | None = None
+    parallel_residual: str = "none"
+    lm_head_bias: bool = False
     qk_norm: str = "none"
     norm_offset: float = 0.0
     norm_placement: str = "pre"
@@ -102,7 +108,7 @@ class Architecture:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 problems.append(f"{name}={value!r} must be a positive number")
-        for name in ("norm_bias", "qkv_bias", "attn_out_bias", "mlp_bias", "tie_word_embeddings"):
+        for name in ("norm_bias", "qkv_bias", "attn_out_bias", "mlp_bias", "tie_word_embeddings", "lm_head_bias"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r} must be true or false")
         problems += self._family_problems()
@@ -115,9 +121,14 @@ class Architecture:
 
     def _family_problems(self) -> list[str]:
         problems = []
-        for name, allowed in (("qk_norm", QK_NORMS), ("norm_placement", NORM_PLACEMENTS)):
+        for name, allowed in (("qk_norm", QK_NORMS), ("norm_placement", NORM_PLACEMENTS),
+                              ("parallel_residual", PARALLEL_RESIDUALS)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r} must be one of {allowed}")
+        rotary = self.rotary_dim
+        if rotary is not None and (not isinstance(rotary, int) or isinstance(rotary, bool) or rotary < 2 or
+                                   rotary % 2 or rotary > self.head_dim):
+            problems.append(f"rotary_dim={rotary!r} must be an even number of features up to head_dim or null")
         window = self.sliding_window
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
             problems.append(f"sliding_window={window!r} must be a positive integer or null")

@@ -53,6 +53,9 @@ CASES: dict[str, tuple[str, dict, bool]] = {
                             True),
     "gpt_bigcode-mqa": ("gpt_bigcode", dict(multi_query=True), True),
     "gpt_bigcode-mha": ("gpt_bigcode", dict(multi_query=False), True),
+    "phi-partial-parallel": ("phi", dict(partial_rotary_factor=0.5), False),
+    "gpt_neox-parallel": ("gpt_neox", dict(rotary_pct=0.5, use_parallel_residual=True), False),
+    "stablelm-partial": ("stablelm", dict(partial_rotary_factor=0.25, use_qkv_bias=True), False),
     "starcoder2-window": ("starcoder2", dict(sliding_window=WINDOW, use_bias=True, norm_epsilon=1e-5), True),
 }
 

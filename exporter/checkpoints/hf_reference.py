@@ -49,7 +49,7 @@ class TransformersReference(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
-        base = getattr(model, "base_model", None)
+        base = getattr(model, "model", None) or getattr(model, "transformer", None) or getattr(model, "gpt_neox", None)
         for layer in getattr(base, "layers", None) or getattr(base, "h", None) or ():  # Llama-style or GPT-2-style
             layer.register_forward_hook(_zero_non_finite)
 

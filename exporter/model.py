@@ -9,7 +9,9 @@ K kv heads, D head dim, V vocab. Parameter names are checkpoint-neutral; loaders
     layers.{i}.mlp_norm.{weight,bias}  layers.{i}.mlp.up.{weight,bias}  [I, C]   (gelu)
                                        layers.{i}.mlp.gate_up.weight    [2I, C]  (swiglu: gate, then up)
     layers.{i}.mlp.down.{weight,bias}  [C, I]
-    norm.{weight,bias}                 lm_head.weight [V, C]  (tied: the same tensor as embed)
+    norm.{weight,bias}                 lm_head.{weight,bias} [V, C]  (tied: the same tensor as embed)
+    layers.{i}.attn.{q,k}_norm.weight  [D] or [H*D] / [K*D]  (qk_norm)
+    layers.{i}.{attn,mlp}_post_norm.weight  (norm_placement pre_post / post)
 
 RoPE uses HF's half-split layout; loaders of interleaved checkpoints (llama2.c) permute q/k rows.
 """
@@ -55,6 +57,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] features of each head (all of them unless partial rotary)."""
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    turned, kept = x[..., :rotary], x[..., rotary:]
+    return torch.cat([turned * cos + rotate_half(turned) * sin, kept], dim=-1)
+
+
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     """``cap * tanh(x / cap)`` (Gemma 2's soft capping), or ``x`` when ``cap`` is None."""
     return x if cap is None else torch.tanh(x / cap) * cap
@@ -88,8 +99,7 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k = torch.cat([past_k, k], dim=2)  # B, K, T, D
         v = torch.cat([past_v, v], dim=2)
         present_k, present_v = k, v
@@ -134,10 +144,11 @@ class Block(nn.Module):
 
     def __init__(self, arch: Architecture):
         super().__init__()
-        self.residual_scale = arch.residual_scale
+        self.residual_scale, self.parallel = arch.residual_scale, arch.parallel_residual
         if arch.norm_placement != "post":
             self.attn_norm = make_norm(arch)
-            self.mlp_norm = make_norm(arch)
+            if arch.parallel_residual != "shared_norm":
+                self.mlp_norm = make_norm(arch)
         if arch.norm_placement != "pre":
             self.attn_post_norm = make_norm(arch)
             self.mlp_post_norm = make_norm(arch)
@@ -146,6 +157,10 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, bias, past_k, past_v):
         h = self.attn_norm(x) if hasattr(self, "attn_norm") else x
+        if self.parallel != "none":  # attention and MLP both read the block's input (Phi, GPT-NeoX)
+            mlp_out = self.mlp(self.mlp_norm(x) if hasattr(self, "mlp_norm") else h)
+            h, present_k, present_v = self.attn(h, cos, sin, bias, past_k, past_v)
+            return x + h + mlp_out, present_k, present_v
         h, present_k, present_v = self.attn(h, cos, sin, bias, past_k, past_v)
         x = x + self._finish(h, "attn_post_norm")
         h = self.mlp(self.mlp_norm(x) if hasattr(self, "mlp_norm") else x)
@@ -175,7 +190,7 @@ class Decoder(nn.Module):
             self.reset_rope()
         self.layers = nn.ModuleList(Block(arch) for _ in range(arch.num_layers))
         self.norm = make_norm(arch)
-        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=arch.lm_head_bias)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
 
@@ -218,6 +233,8 @@ class Decoder(nn.Module):
             presents.append((present_k, present_v))
         x = self.norm(x)
         logits = x @ table_t if table_t is not None else self.lm_head(x)  # B, S, V
+        if table_t is not None and self.lm_head.bias is not None:
+            logits = logits + self.lm_head.bias
         if self.arch.logit_divisor != 1.0:
             logits = logits / self.arch.logit_divisor
         return softcap(logits, self.arch.logit_softcap), presents

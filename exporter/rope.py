@@ -33,7 +33,7 @@ def rope_inv_freq(arch: Architecture, theta: float | None = None, long: bool = F
     """Inverse frequencies [D/2] (float32) with ``arch.rope_scaling`` applied; ``theta`` overrides the
     base (Gemma 3's local layers, which transformers leaves unscaled); ``long`` picks longrope's
     long factors."""
-    dim = arch.head_dim
+    dim = arch.rotary_dim or arch.head_dim
     if theta is not None:
         return base_inv_freq(theta, dim).float()
     inv_freq = base_inv_freq(arch.rope_theta, dim)

@@ -8,7 +8,6 @@ read bundles too.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -18,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from gptedge.runtime.arch_checks import family_problems
 from gptedge.runtime.errors import BundleError, OutputExistsError
 
 FORMAT_VERSION = 1
@@ -28,8 +28,6 @@ SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "geglu_tanh")
-QK_NORMS = ("none", "head", "all")
-NORM_PLACEMENTS = ("pre", "pre_post", "post")
 
 
 @dataclass(frozen=True)
@@ -43,7 +41,9 @@ class Architecture:
     Family switches (defaults: GPT-2 / Llama behaviour): ``sliding_window`` W makes a query attend
     to its W most recent cache entries (itself included) in the layers ``sliding_layers`` (None: all),
     whose RoPE base is ``rope_local_theta`` when set (Gemma 3); ``nope_layers`` use no position
-    encoding at all (SmolLM3). ``qk_norm`` RMS-normalises q and k
+    encoding at all (SmolLM3); ``rotary_dim`` rotates only the first features of each head (None:
+    all). ``parallel_residual`` adds attention and MLP outputs to the same input (``shared_norm``:
+    one norm feeds both, Phi; ``two_norms``: GPT-NeoX); ``lm_head_bias`` gives the head a bias. ``qk_norm`` RMS-normalises q and k
     per head (``"head"``, Qwen3) or over all heads (``"all"``, OLMo 2). ``norm_offset`` is added to
     norm weights (Gemma's ``1 + w``); ``norm_placement`` ``"pre_post"`` also normalises each
     sub-block's output (Gemma 2/3), ``"post"`` only its output (OLMo 2). ``embed_scale`` multiplies
@@ -75,6 +75,9 @@ class Architecture:
     sliding_layers: list[int] | None = None
     rope_local_theta: float | None = None
     nope_layers: list[int] | None = None
+    rotary_dim: int | None = None
+    parallel_residual: str = "none"
+    lm_head_bias: bool = False
     qk_norm: str = "none"
     norm_offset: float = 0.0
     norm_placement: str = "pre"
@@ -102,38 +105,16 @@ class Architecture:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 problems.append(f"{name}={value!r} must be a positive number")
-        for name in ("norm_bias", "qkv_bias", "attn_out_bias", "mlp_bias", "tie_word_embeddings"):
+        for name in ("norm_bias", "qkv_bias", "attn_out_bias", "mlp_bias", "tie_word_embeddings", "lm_head_bias"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r} must be true or false")
-        problems += self._family_problems()
+        problems += family_problems(self)
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
             problems.append(f"rope_scaling={self.rope_scaling!r} must be an object or null")
         if not problems and self.num_heads % self.num_kv_heads:
             problems.append(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if problems:
             raise BundleError("invalid model architecture: " + "; ".join(problems))
-
-    def _family_problems(self) -> list[str]:
-        problems = []
-        for name, allowed in (("qk_norm", QK_NORMS), ("norm_placement", NORM_PLACEMENTS)):
-            if getattr(self, name) not in allowed:
-                problems.append(f"{name}={getattr(self, name)!r} must be one of {allowed}")
-        window = self.sliding_window
-        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
-            problems.append(f"sliding_window={window!r} must be a positive integer or null")
-        for name in ("sliding_layers", "nope_layers"):
-            layers = getattr(self, name)
-            if layers is not None and (not isinstance(layers, list) or
-                                       not all(isinstance(i, int) and 0 <= i < self.num_layers for i in layers)):
-                problems.append(f"{name}={layers!r} must list layer indices below num_layers")
-        optional = ("rope_local_theta", "attn_scale", "attn_softcap", "logit_softcap")
-        for name in ("embed_scale", "residual_scale", "logit_divisor", *optional):
-            value = getattr(self, name)
-            if not (value is None and name in optional) and not _positive(value):
-                problems.append(f"{name}={value!r} must be a positive number" + (" or null" if name in optional else ""))
-        if not isinstance(self.norm_offset, (int, float)) or isinstance(self.norm_offset, bool):
-            problems.append(f"norm_offset={self.norm_offset!r} must be a number")
-        return problems
 
     def window_of(self, layer: int) -> int | None:
         """The sliding window of ``layer`` (tokens), or None when it attends to the whole cache."""
@@ -158,10 +139,6 @@ class Architecture:
     def kv_bytes_per_token(self, dtype_bytes: int = 4) -> int:
         """Bytes of KV cache one token occupies across all layers (keys and values)."""
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * dtype_bytes
-
-
-def _positive(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,11 @@ CASES: dict[str, tuple[str, dict, bool]] = {
     "olmo2-post-norms": ("olmo2", dict(), False),
     "smollm3-nope-window": ("smollm3", dict(no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=WINDOW),
                             True),
+    "gpt_bigcode-mqa": ("gpt_bigcode", dict(multi_query=True), True),
+    "gpt_bigcode-mha-tied": ("gpt_bigcode", dict(multi_query=False, tie_word_embeddings=True), True),
+    "phi-partial-parallel": ("phi", dict(partial_rotary_factor=0.5), False),
+    "gpt_neox-parallel": ("gpt_neox", dict(rotary_pct=0.5, use_parallel_residual=True), False),
+    "stablelm-partial": ("stablelm", dict(partial_rotary_factor=0.25, use_qkv_bias=True), False),
     "starcoder2-window": ("starcoder2", dict(sliding_window=WINDOW, use_bias=True, norm_epsilon=1e-5), True),
 }
 

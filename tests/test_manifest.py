@@ -97,3 +97,24 @@ def test_fuzzed_near_valid_manifest_raises_only_bundle_error(data):
         Manifest.from_dict(data)
     except BundleError:
         pass
+
+
+FAMILY_SWITCHES = dict(sliding_window=6, sliding_layers=[0], rope_local_theta=100.0, nope_layers=[1], rotary_dim=4,
+                       parallel_residual="two_norms", lm_head_bias=True, qk_norm="head", norm_offset=1.0,
+                       norm_placement="pre_post", embed_scale=8.0, residual_scale=0.5, attn_scale=0.2,
+                       attn_softcap=50.0, logit_softcap=30.0, logit_divisor=2.5)
+
+
+def test_family_switches_round_trip_and_bad_values_are_named():
+    import dataclasses
+
+    from gptedge.runtime.bundle import Architecture
+
+    arch = dataclasses.replace(TINY_LLAMA, **FAMILY_SWITCHES)
+    assert Architecture.from_dict(json.loads(json.dumps(arch.to_dict()))) == arch
+    assert [arch.window_of(i) for i in range(arch.num_layers)] == [6, None]
+    bad = dict(sliding_window=0, sliding_layers=[7], rotary_dim=3, qk_norm="sometimes", attn_softcap=-1.0,
+               parallel_residual="yes", embed_scale=float("nan"))
+    with pytest.raises(BundleError) as info:
+        dataclasses.replace(TINY_LLAMA, **bad)
+    assert all(f"{name}=" in str(info.value) for name in bad)

@@ -152,6 +152,7 @@ def map_state_dict(family: Family, model_type: str, raw: dict[str, torch.Tensor]
                 value = _to_fp32(tensor, name, folder)
                 value = value.t().contiguous() if transpose else value
                 target = match.expand(template)
+                value = family.convert(arch, target, value)
                 if part is None:
                     single[target] = value
                 else:

@@ -12,20 +12,25 @@ from pathlib import Path
 from typing import Any
 
 from gptedge.exporter.checkpoints import (
+    hf_bigcode,
     hf_gemma,
     hf_gpt2,
     hf_granite,
     hf_llama,
+    hf_neox,
     hf_olmo2,
+    hf_phi,
     hf_phi3,
     hf_smollm3,
+    hf_stablelm,
     hf_starcoder2,
 )
 from gptedge.exporter.checkpoints.hf_family import Family, require
 from gptedge.runtime.bundle import Architecture
 from gptedge.runtime.errors import InputError, UnsupportedModelError
 
-FAMILY_MODULES = (hf_gpt2, hf_llama, hf_gemma, hf_phi3, hf_granite, hf_olmo2, hf_smollm3, hf_starcoder2)
+FAMILY_MODULES = (hf_gpt2, hf_llama, hf_gemma, hf_phi3, hf_granite, hf_olmo2, hf_smollm3, hf_starcoder2,
+                  hf_bigcode, hf_phi, hf_neox, hf_stablelm)
 FAMILIES: dict[str, Family] = {t: f for m in FAMILY_MODULES for f in m.FAMILIES for t in f.model_types}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # Mixture-of-experts families: a router sends each token to a few of many expert MLPs.

@@ -24,11 +24,26 @@ Rule = tuple[str, str, int | None, bool]
 ArchitectureFn = Callable[[dict[str, Any], Path, int], Architecture]
 
 
+def unchanged(arch: Architecture, name: str, tensor: Any) -> Any:
+    """The default :attr:`Family.convert`: the tensor as the rules produced it."""
+    return tensor
+
+
+def heads_first_qkv(arch: Architecture, name: str, tensor: Any) -> Any:
+    """A fused QKV stored per head ([H, 3, D] rows: GPT-NeoX, GPTBigCode without multi-query) in the
+    decoder's [3, H, D] row order (a torch tensor; this module itself stays torch-free)."""
+    if not name.endswith(("attn.qkv.weight", "attn.qkv.bias")):
+        return tensor
+    per_head = tensor.reshape(arch.num_heads, 3, arch.head_dim, *tensor.shape[1:])
+    return per_head.transpose(0, 1).reshape(tensor.shape).contiguous()
+
+
 @dataclass(frozen=True)
 class Family:
     """One HF family: its ``model_type`` values, required integer keys, config mapping, weight-name
-    rules (on names without ``prefix``), names to skip, and onnxruntime-genai's ``model.type``
-    for it (None: genai has no pipeline for it)."""
+    rules (on names without ``prefix``), names to skip, onnxruntime-genai's ``model.type`` for it
+    (None: genai has no pipeline for it) and ``convert`` (arch, decoder name, tensor) -> tensor
+    for layouts a rename cannot fix."""
 
     model_types: tuple[str, ...]
     required: tuple[str, ...]
@@ -38,6 +53,7 @@ class Family:
     prefix: str = "model."
     genai_type: Callable[[str], str | None] = lambda model_type: None
     context_key: str = "max_position_embeddings"
+    convert: Callable[[Architecture, str, Any], Any] = unchanged
 
     def skip_pattern(self) -> re.Pattern[str]:
         return re.compile(self.skip)

@@ -12,7 +12,7 @@ from gptedge.runtime.errors import InputError
 GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 
-def _architecture(cfg: dict[str, Any], where: Path, context: int) -> Architecture:
+def gpt2_architecture(cfg: dict[str, Any], where: Path, context: int) -> Architecture:
     cfg = {"activation_function": "gelu_new", **cfg}
     act = activation(cfg, where, "activation_function", GPT2_ACTIVATIONS)
     if not cfg.get("scale_attn_weights", True):
@@ -51,6 +51,6 @@ RULES: tuple[Rule, ...] = (
 
 FAMILIES = (Family(
     model_types=("gpt2",), required=("vocab_size", "n_embd", "n_layer", "n_head", "n_positions"),
-    architecture=_architecture, rules=RULES, prefix="transformer.", context_key="n_positions",
+    architecture=gpt2_architecture, rules=RULES, prefix="transformer.", context_key="n_positions",
     # causal-mask buffers older GPT-2 checkpoints carry; the decoder builds its mask from attention_mask
     skip=r"h\.\d+\.attn\.(bias|masked_bias)"),)

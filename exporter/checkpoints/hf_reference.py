@@ -49,7 +49,8 @@ class TransformersReference(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
-        for layer in getattr(getattr(model, "model", None), "layers", ()):
+        base = getattr(model, "model", None) or getattr(model, "transformer", None) or getattr(model, "gpt_neox", None)
+        for layer in getattr(base, "layers", None) or getattr(base, "h", None) or ():  # Llama-style or GPT-2-style
             layer.register_forward_hook(_zero_non_finite)
 
     def forward(self, input_ids, attention_mask, position_ids, past):

@@ -98,6 +98,7 @@ def _trace(decoder: Decoder, opset: int, writer: SharedWeightsWriter | None) -> 
     if writer is not None:
         _externalize(program.model, writer)
     model = program.model_proto
+    _release_weights(program.model)
     del program
     tidy_graph(model, arch.num_layers)
     fuse_friendly_rmsnorm(model.graph)
@@ -179,6 +180,23 @@ def _externalize(model: ir.Model, writer: SharedWeightsWriter) -> None:
         value.const_value = ir.ExternalTensor(writer.data_name, offset, length, tensor.dtype,
                                               shape=cast(ir.Shape, tensor.shape), name=name,
                                               base_dir=str(writer.folder))
+
+
+def _release_weights(model: ir.Model) -> None:
+    """Drop the traced graph's references to the decoder's weights once the protobuf is made.
+
+    The exported graph outlives the export: onnxscript 0.7's module-level rewrite rules keep the
+    last graph they matched (``SimplePatternMatcher._graph``), and onnx_ir 1.1's graph inputs keep
+    every value that was ever an input in a reference counter (keys of count 0 are not removed),
+    among them the parameters the exporter first lifts as inputs. Each such value holds its
+    parameter; for a checkpoint read through a memory map (safetensors) one live parameter keeps
+    the whole file resident: SmolLM2 carried 540 MB more through parity. The counter is private,
+    so it is read defensively; without it only the public values are released."""
+    graph = model.graph
+    lifted = getattr(graph.inputs, "_ref_counter", None) or {}
+    for value in [*graph.inputs, *graph.initializers.values(), *lifted]:
+        value.const_value = None
+    graph.initializers.clear()
 
 
 @contextlib.contextmanager

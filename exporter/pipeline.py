@@ -8,6 +8,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -66,9 +67,9 @@ def export_loaded(checkpoint: LoadedCheckpoint, config: ExportConfig,
         if pruned:
             manifest.history.append(pruned)
             manifest.precision["sparsity"] = {"method": config.prune_method, "fraction": config.sparsity}
-        reference = None
+        reference: Any = None  # the source's own model is built only after onnxruntime's check
         if config.validate:
-            reference = checkpoint.reference() if checkpoint.reference and not pruned else decoder
+            reference = checkpoint.reference if checkpoint.reference and not pruned else decoder
         del checkpoint, decoder  # the ONNX graph is on disk; free what parity does not need
         gc.collect()
         if reference is not None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +48,11 @@ def parity_inputs(arch: Architecture, seed: int = 0) -> tuple[np.ndarray, np.nda
     return ids, mask, positions
 
 
-def check_parity(bundle_dir: Path, reference: torch.nn.Module, arch: Architecture,
+def check_parity(bundle_dir: Path, reference: torch.nn.Module | Callable[[], torch.nn.Module], arch: Architecture,
                  noise_ratio: float = EXPORT_PARITY_NOISE_RATIO,
                  noise_floor: float = EXPORT_PARITY_NOISE_FLOOR) -> dict[str, Any]:
-    """Compare ``bundle_dir/model.onnx`` with ``reference`` (a torch module called like the Decoder).
+    """Compare ``bundle_dir/model.onnx`` with ``reference`` (a torch module called like the Decoder,
+    or a function building one: it is then built only once onnxruntime's session is freed).
 
     ``reference`` runs in float32 as given and in float64. Returns the report stored in the
     manifest; raises :class:`ParityError` naming every output whose max-abs distance to the float64
@@ -63,6 +64,8 @@ def check_parity(bundle_dir: Path, reference: torch.nn.Module, arch: Architectur
     """
     steps = _onnx_steps(Path(bundle_dir) / MODEL_NAME, arch)
     gc.collect()
+    if not isinstance(reference, torch.nn.Module):
+        reference = reference()
     stats: dict[str, dict[str, float]] = {}
     for feeds, past, outputs in steps:
         want32 = _torch_outputs(reference, feeds, past, arch, torch.float32)
@@ -108,15 +111,23 @@ def _onnx_steps(model_path: Path, arch: Architecture) -> list[tuple[dict, dict, 
 @contextlib.contextmanager
 def _float64_one_module_at_a_time(model: torch.nn.Module) -> Iterator[None]:
     """Run ``model`` in float64 without a float64 copy of it: buffers (RoPE frequencies) become
-    float64 for the whole pass, each module's own parameters just for its forward call. float32 ->
-    float64 -> float32 is exact, and tied parameters stay one object."""
+    float64 for the whole pass, each module's own parameters just for its forward call. The
+    float32 tensors are put back as they were (not converted back): a model loaded through a
+    memory map (transformers' safetensors) would otherwise get an anonymous copy of every weight
+    while the mapped file stays resident, twice the weights at the end of the pass. Tied
+    parameters stay one object."""
+    originals: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+
     def to64(module, _args):
         for param in module.parameters(recurse=False):
-            param.data = param.data.double()
+            if id(param) not in originals:
+                originals[id(param)] = (param, param.data)
+                param.data = param.data.double()
 
     def to32(module, _args, _output):
         for param in module.parameters(recurse=False):
-            param.data = param.data.float()
+            if id(param) in originals:
+                param.data = originals.pop(id(param))[1]
 
     owners = [m for m in model.modules() if any(p.is_floating_point() for p in m.parameters(recurse=False))]
     hooks = [h for m in owners for h in (m.register_forward_pre_hook(to64), m.register_forward_hook(to32))]
@@ -131,8 +142,8 @@ def _float64_one_module_at_a_time(model: torch.nn.Module) -> Iterator[None]:
             hook.remove()
         for module, name, buffer in buffers:
             setattr(module, name, buffer)
-        for module in owners:  # a forward that raised leaves its module in float64
-            to32(module, None, None)
+        for param, data in originals.values():  # a forward that raised leaves its module in float64
+            param.data = data
 
 
 def _torch_outputs(reference, feeds: dict[str, np.ndarray], past: dict[str, np.ndarray],

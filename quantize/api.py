@@ -65,6 +65,7 @@ def quantize(bundle_dir: str | os.PathLike[str], config: QuantConfig, out_dir: s
     handler_for(config)(job, config)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         manifest = _write(source, job, tmp)
+        job.graphs.clear()  # the saved graphs' protos still hold their bytes until dropped; the gate needs room
         entry: dict[str, Any] = {"step": "quantize", "config": config_record(config), **job.record}
         manifest.history.append(entry)
         write_manifest(tmp, manifest)

@@ -99,7 +99,7 @@ class Int8Config:
     calib_seq_len: int | None = None
     calib_decode_steps: int = 8
     smoothquant_alpha: float | None = None
-    float_search_budget: float | None = 0.5
+    float_search_budget: float | None = 0.0
     search_windows: int = 4
     # 128-token windows under-measured SmolLM2's loss (later positions are more sensitive): the
     # search windows are as long as the windows perplexity is judged on.

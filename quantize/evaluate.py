@@ -34,8 +34,10 @@ class PerplexityResult:
 
 
 def perplexity(bundle_dir: str | os.PathLike[str], text_path: str | os.PathLike[str],
-               max_tokens: int | None = None) -> PerplexityResult:
-    """Perplexity of the bundle on a text file, windows of the full context with stride = half.
+               max_tokens: int | None = None, window: int | None = None,
+               stride: int | None = None) -> PerplexityResult:
+    """Perplexity of the bundle on a text file, windows of the full context with stride = half
+    (``window``/``stride``: see :func:`perplexity_of_ids`).
 
     Every token after the first is predicted exactly once, each with at least half a context of
     left history (except in the first window). ``max_tokens`` truncates the text's ids.
@@ -45,7 +47,7 @@ def perplexity(bundle_dir: str | os.PathLike[str], text_path: str | os.PathLike[
     if max_tokens is not None:
         ids = ids[:max_tokens]
     require_tokens(ids, 2, f"--text {text_path}")
-    return perplexity_of_ids(bundle, ids)
+    return perplexity_of_ids(bundle, ids, window=window, stride=stride)
 
 
 def _kv_dtype(sess) -> type:

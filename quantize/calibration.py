@@ -59,6 +59,13 @@ class ActivationStats:
         self.samples.append(rng.choice(flat, keep, replace=False) if keep < flat.size else flat)
 
     @property
+    def amax_over_rms(self) -> float:
+        """max |x| over the root mean square of every value seen (how "massive" the outliers are)."""
+        assert self.channel_sqsum is not None, "no calibration rows were added"
+        rms = float(np.sqrt(self.channel_sqsum.sum() / max(self.tokens * self.channel_sqsum.size, 1)))
+        return self.amax / max(rms, 1e-12)
+
+    @property
     def channel_norm(self) -> np.ndarray:
         """L2 norm of each input channel over all calibration rows (Wanda's ||X_j||)."""
         assert self.channel_sqsum is not None, "no calibration rows were added"

@@ -92,6 +92,10 @@ class Int8Config:
     - ``calib_windows`` sequences of ``calib_seq_len`` tokens (None: half the context, at most 256) are run as a
       prefill and then ``calib_decode_steps`` real decode steps each, so decode ranges are seen.
     - ``smoothquant_alpha``: migrate activation outliers into the preceding norm (None: off).
+    - ``float_search_budget``: percent perplexity increase (on ``search_windows`` calibration
+      windows of ``search_seq_len`` tokens) the int8 activations may cost; the most sensitive
+      linear inputs, measured one by one, stay float until the rest fit (their weights stay
+      int8). None: every linear input is int8 (see quantize/int8_search.py).
     """
 
     calib_method: str = "minmax"
@@ -100,6 +104,11 @@ class Int8Config:
     calib_seq_len: int | None = None
     calib_decode_steps: int = 8
     smoothquant_alpha: float | None = None
+    float_search_budget: float | None = 0.0
+    search_windows: int = 4
+    # 128-token windows under-measured SmolLM2's loss (later positions are more sensitive): the
+    # search windows are as long as the windows perplexity is judged on.
+    search_seq_len: int = 256
     mode: ClassVar[str] = "int8"
     default_budget: ClassVar[float | None] = QUALITY_BUDGET_PERCENT["int8"]
 
@@ -118,6 +127,12 @@ class Int8Config:
             problems.append(f"calib_seq_len={self.calib_seq_len} must be at least 2")
         if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
             problems.append(f"smoothquant_alpha={self.smoothquant_alpha} must be in [0, 1]")
+        if self.float_search_budget is not None and not self.float_search_budget >= 0.0:
+            problems.append(f"float_search_budget={self.float_search_budget} must be >= 0 (percent) or None")
+        if not isinstance(self.search_windows, int) or self.search_windows < 1:
+            problems.append(f"search_windows={self.search_windows!r} must be a positive integer")
+        if not isinstance(self.search_seq_len, int) or self.search_seq_len < 2:
+            problems.append(f"search_seq_len={self.search_seq_len!r} must be an integer >= 2")
         _fail(problems, "Int8Config")
 
 

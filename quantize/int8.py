@@ -19,9 +19,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from gptedge.quantize.calibration import calibration_span, collect_stats
+from gptedge.quantize.calibration import ActivationStats, calibration_span, collect_stats
 from gptedge.quantize.config import Int8Config
 from gptedge.quantize.graph_utils import linear_layers, opset_version, remove_initializers, set_opset
+from gptedge.quantize.int8_search import search
 from gptedge.quantize.job import Job
 from gptedge.quantize.registry import handler
 from gptedge.quantize.smoothquant import smooth
@@ -39,12 +40,29 @@ def to_int8(job: Job, config: Int8Config) -> None:
         stats = _stats(job, config, ids)
         job.record["smoothquant_layers"] = smooth(job.graphs, stats, config.smoothquant_alpha)
     stats = _stats(job, config, ids)
-    scales = {w: max(s.threshold(config.calib_method, config.percentile), 1e-8) / QMAX for w, s in stats.items()}
+    scales: dict[str, float | None] = {
+        w: max(s.threshold(config.calib_method, config.percentile), 1e-8) / QMAX for w, s in stats.items()}
+    tokens = int(sum(s.tokens for s in stats.values()) // max(len(stats), 1))
+    if config.float_search_budget is not None:
+        scales = _keep_float(job, config, ids, stats, scales)
+    del stats
     for model in job.graphs.values():
         insert_qdq(model, scales)
     job.precision.update(weights="int8", activations="int8", cpu_only=False)
-    job.record.update(calib_method=config.calib_method, layers_quantized=sorted(scales),
-                      calib_tokens=int(sum(s.tokens for s in stats.values()) // max(len(stats), 1)))
+    job.record.update(calib_method=config.calib_method, layers_quantized=sorted(scales), calib_tokens=tokens)
+
+
+def _keep_float(job: Job, config: Int8Config, ids: np.ndarray, stats: dict[str, ActivationStats],
+                scales: dict[str, float | None]) -> dict[str, float | None]:
+    """Measure which linear inputs stay float (int8_search) and record why in the manifest."""
+    found = search(job.bundle, job.graphs["model"], {w: s for w, s in scales.items() if s is not None}, ids,
+                   config.float_search_budget or 0.0, config.search_windows, config.search_seq_len)
+    job.record["int8_search"] = {
+        "tokens": found.tokens, "budget_pct": config.float_search_budget, "estimate_pct": round(found.estimate_pct, 3),
+        "kept_float": [{"weight": w, "sensitivity_pct": round(found.sensitivity_pct[w], 3),
+                        "amax": round(stats[w].amax, 3), "amax_over_rms": round(stats[w].amax_over_rms, 1)}
+                       for w in found.kept_float]}
+    return {w: None if w in found.kept_float else s for w, s in scales.items()}
 
 
 def _stats(job: Job, config: Int8Config, ids: np.ndarray):
@@ -60,9 +78,10 @@ def quantize_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def insert_qdq(model: onnx.ModelProto, act_scales: dict[str, float]) -> None:
+def insert_qdq(model: onnx.ModelProto, act_scales: dict[str, float | None]) -> None:
     """Insert activation Q/DQ and int8 weight DQ before every linear layer whose weight is in
-    ``act_scales`` (weight name -> activation scale). The float weights are removed."""
+    ``act_scales`` (weight name -> activation scale; None: the activation stays float and only
+    the weight is int8). The float weights are removed."""
     if opset_version(model) < 13:
         set_opset(model, 13)
     inits = {init.name: init for init in model.graph.initializer}
@@ -72,8 +91,11 @@ def insert_qdq(model: onnx.ModelProto, act_scales: dict[str, float]) -> None:
     for node in model.graph.node:
         lin = targets.get(node.name)
         if lin is not None:
-            if lin.activation not in done_acts:
-                nodes, tensors, dq_name = _activation_qdq(lin.activation, act_scales[lin.weight], lin.weight)
+            act_scale = act_scales[lin.weight]
+            if act_scale is None:
+                done_acts.setdefault(lin.activation, lin.activation)
+            elif lin.activation not in done_acts:
+                nodes, tensors, dq_name = _activation_qdq(lin.activation, act_scale, lin.weight)
                 new_nodes += nodes
                 new_inits += tensors
                 done_acts[lin.activation] = dq_name

@@ -17,6 +17,9 @@ def register(subparsers) -> None:
                                               "weight search; wanda); its last 10 %% gates quality when --eval is not given")
     p.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
     p.add_argument("--smoothquant", type=float, metavar="ALPHA", help="SmoothQuant strength for int8 (e.g. 0.5)")
+    p.add_argument("--float-search-budget", type=float, metavar="PCT", default=0.0,
+                   help="int8: perplexity increase (%%, on calibration windows) the int8 activations may cost; the "
+                        "most sensitive linear inputs, measured, stay float until the rest fit (default 0; -1: off)")
     p.add_argument("--block-size", type=int, help="input channels per quantization block of int4 and "
                                                    "int8-dynamic (default: the mode's own, see README)")
     p.add_argument("--prune-method", choices=("magnitude", "wanda", "2:4", "structured"), default="magnitude")
@@ -40,7 +43,9 @@ def precision_config(mode: str, args: argparse.Namespace):
     if mode == "int8-dynamic":
         return Int8DynamicConfig(**block)
     if mode == "int8":
-        return Int8Config(calib_method=args.calib_method, smoothquant_alpha=args.smoothquant)
+        budget = None if args.float_search_budget < 0 else args.float_search_budget
+        return Int8Config(calib_method=args.calib_method, smoothquant_alpha=args.smoothquant,
+                          float_search_budget=budget)
     return Int4Config(format="qdq" if mode == "int4-qdq" else "matmulnbits", **block)
 
 

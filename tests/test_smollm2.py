@@ -104,23 +104,28 @@ def test_weight_only_modes_hold_quality_and_size(smol, tmp_path, config, max_mb,
     assert _window_ppl(out.path) <= _window_ppl(smol.path) * (1 + max_pct / 100)
     assert bundle_size_mb(out) <= max_mb
     assert out.manifest.history[-1]["lm_head"]["tied_table_shared"]
-    # the chat reply: fp32 prefers "The" over "L" by 0.08 logits only; int8-dynamic and int4-qdq keep
-    # fp32's sentence, int4 (MatMulNBits, calibrated search) opens with "L'Étoile" (also at fp32
-    # accuracy level, so it is the weights, not the kernel) and must still generate
+    # the chat reply: fp32 prefers "The" over "L" by 0.08 logits only. int8-dynamic keeps fp32's
+    # sentence; the 4-bit forms open with "The..." or "L'Étoile..." depending on the calibration text
+    # (measured: int4 also at fp32 accuracy level, so it is the weights, not the kernel) and must still
+    # generate
     text, tokens = _reply(out.path)
-    if config.bits == 4 and config.format == "matmulnbits":
-        assert tokens and text.strip()
-    else:
+    if isinstance(config, Int8DynamicConfig):
         assert text.startswith("The capital of France is Paris")
+    else:
+        assert tokens and text.strip()
 
 
 def test_int8_static_runs(smol, tmp_path):
     calib = shared_file("wikitext-2-raw", "wiki.valid.raw").read_text(encoding="utf-8")[:60_000]
     (tmp_path / "calib.txt").write_text(calib, encoding="utf-8")
-    # Static int8 does not hold its quality budget on this model yet (issue 12): only the mechanics
-    # (calibration on real activations, QDQ graph, a bundle that loads and generates) are checked.
-    out = quantize(smol.path, Int8Config(), tmp_path / "int8", calib_text=tmp_path / "calib.txt",
-                   max_ppl_increase=10_000.0, max_tokens=2048)
+    # The README's +1.16 % (24 windows of wiki.test) uses the default 4 search windows (~4 min here);
+    # one window keeps CI lean: more inputs stay float (measured 98 of 121, +3.2 % on the gate's
+    # held-out calibration text), so the gate's budget here is 5 %; the collapse it guards against
+    # was +127 %.
+    out = quantize(smol.path, Int8Config(smoothquant_alpha=0.5, search_windows=1), tmp_path / "int8",
+                   calib_text=tmp_path / "calib.txt", max_ppl_increase=5.0, max_tokens=2048)
+    search = out.manifest.history[-1]["int8_search"]
+    assert 0 < len(search["kept_float"]) < 121
     assert load_bundle(out.path).manifest.precision["activations"] == "int8"
     with load(out.path, backend="ort-cpu") as generator:
         assert generator.chat(QUESTION, max_new_tokens=4).tokens

@@ -63,7 +63,8 @@ def gpt2_bundle(bundle_factory) -> Path:
 # onnxruntime-genai) or score quality gates: minutes together. `pytest` alone skips them (and every
 # test marked slow); `pytest --run-slow`, what CI runs, runs everything.
 SLOW_MODULES = frozenset({"test_demo", "test_train", "test_prune_finetune", "test_examples", "test_hf_clients",
-                          "test_peers_quick", "test_quantize_prune_gate"})
+                          "test_peers_quick", "test_quantize_prune_gate", "test_serve_http", "test_serve_cli",
+                          "test_triton", "test_evaluate_chunks", "test_bundle_writer"})
 
 
 def pytest_addoption(parser):

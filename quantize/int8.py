@@ -9,8 +9,10 @@ MatMul (LM head included)::
     W_int8 [in, out] -> DequantizeLinear(s_w[out], 0, axis=1) -/
 
 Activations: symmetric per tensor, scale from calibration (prefill + decode). Weights: symmetric
-per output channel. Only standard ONNX ops (opset >= 13 for per-axis DQ); TensorRT and the ORT
-CPU both run it.
+per output channel; a tied embedding is looked up from the LM head's int8 weight (one copy, one
+scale per vocabulary row: :func:`~gptedge.quantize.tied_table.share_lookup`; SmoothQuant leaves
+that head alone). Only standard ONNX ops (opset >= 13 for per-axis DQ); TensorRT and the ORT CPU
+both run it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from gptedge.quantize.job import Job
 from gptedge.quantize.registry import handler
 from gptedge.quantize.smoothquant import smooth
 from gptedge.quantize.text import require_tokens
+from gptedge.quantize.tied_table import head_of, share_lookup, tied_lookup
 
 QMAX = 127
 
@@ -36,9 +39,11 @@ def to_int8(job: Job, config: Int8Config) -> None:
     job.require_source_precision("int8")
     ids = job.require_calibration("int8 (static)")
     require_tokens(ids, calibration_span(job.bundle, config.calib_seq_len, config.calib_decode_steps), "--calib")
-    if config.smoothquant_alpha is not None:
+    head = head_of(job.graphs["model"], linear_layers(job.graphs["model"]))
+    tied = frozenset([head.weight] if head is not None and tied_lookup(job.graphs["model"], head) else [])
+    if config.smoothquant_alpha is not None:  # a tied head keeps its values: they are the lookup table too
         stats = _stats(job, config, ids)
-        job.record["smoothquant_layers"] = smooth(job.graphs, stats, config.smoothquant_alpha)
+        job.record["smoothquant_layers"] = smooth(job.graphs, stats, config.smoothquant_alpha, keep=tied)
     stats = _stats(job, config, ids)
     scales: dict[str, float | None] = {
         w: max(s.threshold(config.calib_method, config.percentile), 1e-8) / QMAX for w, s in stats.items()}
@@ -48,6 +53,11 @@ def to_int8(job: Job, config: Int8Config) -> None:
     del stats
     for model in job.graphs.values():
         insert_qdq(model, scales)
+        if tied and head is not None and head.weight in scales:  # one int8 table: head and lookup (issue 16)
+            share_lookup(model, head, head.weight + "_quantized", head.weight + "_scale")
+    if head is not None:
+        job.record["lm_head"] = {"weight": head.weight, "bits": 8, "tied_table_shared": bool(tied),
+                                 "form": "int8 per-channel DequantizeLinear (head and lookup)"}
     job.precision.update(weights="int8", activations="int8", cpu_only=False)
     job.record.update(calib_method=config.calib_method, layers_quantized=sorted(scales), calib_tokens=tokens)
 

@@ -31,8 +31,10 @@ def norm_scale_inputs(model: onnx.ModelProto, tensor: str) -> list[str] | None:
     return None
 
 
-def smooth(graphs: dict[str, onnx.ModelProto], stats: dict[str, ActivationStats], alpha: float) -> list[str]:
-    """Apply SmoothQuant with strength ``alpha`` to every graph; returns the smoothed weight names."""
+def smooth(graphs: dict[str, onnx.ModelProto], stats: dict[str, ActivationStats], alpha: float,
+           keep: frozenset[str] = frozenset()) -> list[str]:
+    """Apply SmoothQuant with strength ``alpha`` to every graph; returns the smoothed weight names.
+    ``keep``: weights that must keep their values (a tied LM head that is also the lookup table)."""
     model = graphs["model"]
     users = GraphIndex(model.graph.node)
     groups: dict[str, list[str]] = {}
@@ -41,7 +43,7 @@ def smooth(graphs: dict[str, onnx.ModelProto], stats: dict[str, ActivationStats]
     plan: list[tuple[list[str], list[str], np.ndarray]] = []
     for activation, weights in groups.items():
         norm_inputs = norm_scale_inputs(model, activation)
-        if not norm_inputs or len(users.readers(activation)) != len(weights):
+        if not norm_inputs or len(users.readers(activation)) != len(weights) or keep.intersection(weights):
             continue  # another op reads the norm output too: scaling would change it
         x_max = np.maximum(stats[weights[0]].channel_amax, 1e-5)
         w_max = np.maximum(np.max([np.abs(get_array(model, w)).max(axis=1) for w in weights], axis=0), 1e-5)

@@ -10,7 +10,8 @@ tensor, in two forms (measured on SmolLM2, one decode step, 2 threads):
   280 ms) and the lookup a ``GatherBlockQuantized`` reading the very same uint8 tensor (6 us).
 - ``qdq`` (portable, TensorRT): symmetric int8 with one scale per vocabulary row,
   ``DequantizeLinear(axis=1) -> MatMul`` for the head (onnxruntime fuses it: 5 ms) and a second
-  ``DequantizeLinear`` of the same int8 initializer -> ``Gather`` for the lookup. onnxruntime does
+  ``DequantizeLinear`` of the same int8 initializer -> ``Gather`` for the lookup (static ``int8``
+  shares its head's per-channel int8 weight the same way: :func:`share_lookup`). onnxruntime does
   not fold that one (it dequantizes the whole table per call, ~100 ms); its generation graph
   (``model_ort.onnx``) gathers int8 rows and scales them instead (see
   ``gptedge.runtime.ort.variant``), so only the portable graph's ORT runs pay it.
@@ -101,16 +102,26 @@ def tie_qdq(model: onnx.ModelProto, head: Linear, table: tuple[np.ndarray, np.nd
     node = next(n for n in model.graph.node if n.name == head.node)
     node.input[1] = f"{name}_dequantized"
     model.graph.node.insert(list(model.graph.node).index(node), head_dq)
-    found = tied_lookup(model, head)
-    if found is not None:
-        gather = found[0]
-        lookup_dq = helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale"], [f"{name}_table"],
-                                     axis=1, name="/embed/weight/DequantizeLinear")
-        gather.input[0] = f"{name}_table"
-        model.graph.node.insert(list(model.graph.node).index(gather), lookup_dq)
-        remove_initializers(model, {f"{name}.untied"})
+    share_lookup(model, head, f"{name}_int8", f"{name}_scale")
     remove_initializers(model, {name})
     return table
+
+
+def share_lookup(model: onnx.ModelProto, head: Linear, int8: str, scale: str) -> bool:
+    """Point the tied lookup of ``head`` (reading its untied float copy) at a second
+    ``DequantizeLinear(int8, scale, axis=1)`` of the head's own int8 [hidden, vocab] tensor (one
+    scale per vocabulary row, zero-point 0) and drop the float copy. Returns whether the model
+    had a tied lookup."""
+    found = tied_lookup(model, head)
+    if found is None:
+        return False
+    gather = found[0]
+    lookup_dq = helper.make_node("DequantizeLinear", [int8, scale], [f"{head.weight}_table"],
+                                 axis=1, name="/embed/weight/DequantizeLinear")
+    gather.input[0] = f"{head.weight}_table"
+    model.graph.node.insert(list(model.graph.node).index(gather), lookup_dq)
+    remove_initializers(model, {f"{head.weight}.untied"})
+    return True
 
 
 def _splice(model: onnx.ModelProto, old: list[onnx.NodeProto], new: list[onnx.NodeProto]) -> None:

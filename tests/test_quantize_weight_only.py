@@ -1,6 +1,6 @@
 """Weight-only block quantization (int4, int8-dynamic): the block search, zero points, the int8
-tied table serving both the lookup and the LM head, and the activation-aware mode's refusal
-without calibration text. A tiny tied Llama (SmolLM2's shape of model; random weights, fixed seed;
+tied table serving both the lookup and the LM head (static int8's too), and the activation-aware
+mode's refusal without calibration text. A tiny tied Llama (SmolLM2's shape of model; random weights, fixed seed;
 head_dim 16 so that onnxruntime's generation graph is built too)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from conftest import TINY_LLAMA
 from onnx import numpy_helper
 
-from gptedge.quantize import Int4Config, Int8DynamicConfig, quantize
+from gptedge.quantize import Int4Config, Int8Config, Int8DynamicConfig, quantize
 from gptedge.quantize.blockquant import quantize_blocks
 from gptedge.quantize.evaluate import empty_feeds
 from gptedge.quantize.graph_io import session
@@ -154,3 +154,22 @@ def test_activation_aware_search_refuses_without_calibration_text(tied, tmp_path
         quantize(tied, Int4Config(algorithm="activation-mse"), tmp_path / "x")
     out = quantize(tied, Int4Config(format="qdq"), tmp_path / "y")  # the documented default: unweighted
     assert out.manifest.history[-1]["algorithm"] == "mse"
+
+
+def test_int8_static_looks_up_the_heads_own_int8_weight(tied, calib, tmp_path):
+    config = Int8Config(smoothquant_alpha=0.5, calib_windows=2, search_windows=1, search_seq_len=64)
+    out = quantize(tied, config, tmp_path / "int8", calib_text=calib, max_ppl_increase=1e6)
+    entry = out.manifest.history[-1]
+    assert entry["lm_head"]["tied_table_shared"]
+    assert "lm_head.weight_t" not in entry["smoothquant_layers"]  # its values are the lookup table too
+    assert lint_bundle(out.path, "10.3").ok
+    for role in ("model", "model_last"):
+        dqs, model = _nodes(out.file(role), "DequantizeLinear")
+        table = {n.name for n in dqs if n.input[0] == "lm_head.weight_t_quantized"}
+        assert "/embed/weight/DequantizeLinear" in table and len(table) == 2
+        assert not [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and
+                    len(i.dims) == 2 and TIED.vocab_size in i.dims]  # no float copy of the table left
+    ids = np.array([[3, 7, 11, 19, 40]], np.int64)
+    source, quantized = _logits(tied / "model.onnx", ids), _logits(out.model_path, ids)
+    assert np.abs(quantized - source).max() < 0.1 * np.abs(source).max()
+    assert out.manifest.files["model_ort"]["parity_max_abs_diff"] < 1e-3

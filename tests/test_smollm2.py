@@ -16,6 +16,7 @@ from gptedge.quantize import Fp16Config, Int4Config, Int8Config, Int8DynamicConf
 from gptedge.quantize.api import bundle_size_mb
 from gptedge.runtime import load
 from gptedge.runtime.bundle import load_bundle
+from gptedge.runtime.trt.lint import lint_bundle
 
 pytestmark = pytest.mark.slow
 GGUF = ("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -127,5 +128,8 @@ def test_int8_static_runs(smol, tmp_path):
     search = out.manifest.history[-1]["int8_search"]
     assert 0 < len(search["kept_float"]) < 121
     assert load_bundle(out.path).manifest.precision["activations"] == "int8"
+    # issue 16's size: one int8 table serves the lookup and the head (was 252 MB with a float table)
+    assert out.manifest.history[-1]["lm_head"]["tied_table_shared"] and bundle_size_mb(out) <= 160
+    assert lint_bundle(out.path, "10.3").ok
     with load(out.path, backend="ort-cpu") as generator:
         assert generator.chat(QUESTION, max_new_tokens=4).tokens

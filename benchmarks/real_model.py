@@ -254,6 +254,7 @@ def main() -> int:
     prompts = chat_prompts(fp32)
     reference = measure_bundle(Row("fp32 bundle (ORT CPU)"), fp32, args, prompts)
     rows = [] if args.no_transformers else [transformers_row(fp32, args, prompts)]
+    log("measured fp32 and transformers")
     rows.append(reference)
     for spec, path, why in built:
         row = Row(spec.label, budget_pct=spec.budget_pct, note=why or manifest_note(path))

@@ -8,7 +8,7 @@ from serve_helpers import chat_bundle
 
 from gptedge.runtime import load
 from gptedge.runtime.sampling import SamplingOptions
-from gptedge.runtime.serve.scheduler import Job, QueueFullError, Scheduler, Update
+from gptedge.runtime.serve.scheduler import Job, QueueFullError, Scheduler, Update, batching_caveat
 
 # (prompt ids, max new tokens, ignore_eos, temperature, seed): different lengths so rows are ragged
 REQUESTS = [
@@ -122,3 +122,6 @@ def test_int8_batching_never_changes_a_result(int8_generator):
     tokens, widest, _ = _run(int8_generator, {0: [2], 1: [0, 4], 3: [1, 7], 4: [6, 3], 9: [5]}, 8)
     assert widest >= 6
     assert [tokens[i] for i in range(len(REQUESTS))] == [want.tokens for want in alone]
+    precision = int8_generator.bundle.manifest.precision
+    assert batching_caveat(precision, ragged=True) is None  # the server says nothing here
+    assert "padded portable batch" in batching_caveat(precision, ragged=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ from gptedge.exporter.chat_template import TEMPLATE_NAME, template_tokenizer_inf
 from gptedge.exporter.checkpoints import LoadedCheckpoint
 from gptedge.exporter.checkpoints.detect import load_checkpoint
 from gptedge.exporter.config import ExportConfig
+from gptedge.exporter.memory import release_freed_memory
 from gptedge.exporter.model import Decoder
 from gptedge.exporter.onnx_export import last_position_graph, trace_to_onnx
 from gptedge.exporter.preflight import preflight
@@ -44,7 +44,9 @@ def export(source: str | os.PathLike[str], config: ExportConfig, out_dir: str | 
 
 def _load(source: Path, config: ExportConfig) -> LoadedCheckpoint:
     with stage("load checkpoint"):
-        return load_checkpoint(source, config)
+        checkpoint = load_checkpoint(source, config)
+        release_freed_memory()  # the loader's temporaries
+        return checkpoint
 
 
 def export_loaded(checkpoint: LoadedCheckpoint, config: ExportConfig,
@@ -71,14 +73,14 @@ def export_loaded(checkpoint: LoadedCheckpoint, config: ExportConfig,
         if config.validate:
             reference = checkpoint.reference if checkpoint.reference and not pruned else decoder
         del checkpoint, decoder  # the ONNX graph is on disk; free what parity does not need
-        gc.collect()
+        release_freed_memory()
         if reference is not None:
             from gptedge.exporter.validate import check_parity
             with stage("parity"):
                 manifest.parity = check_parity(writer.folder, reference, arch, config.parity_noise_ratio,
                                                config.parity_noise_floor)
             del reference
-            gc.collect()
+            release_freed_memory()  # before the variant's child interpreter starts beside this one
         if config.ort_variant:  # in a fresh interpreter: torch.export keeps ~2x the weights alive here
             with stage("onnxruntime variant"):
                 writer.attach_ort_variant(isolated=True)
@@ -144,7 +146,7 @@ def _write_graphs(decoder: Decoder, config: ExportConfig, bundle: BundleWriter) 
             with stage(f"save {LAST_MODEL_NAME}"):
                 writer.save(last_position_graph(model), bundle.add_standard("model_last").name)
         del model
-        gc.collect()
+        release_freed_memory()
 
 
 def _manifest(checkpoint: LoadedCheckpoint, arch, config: ExportConfig, bundle: BundleWriter) -> Manifest:

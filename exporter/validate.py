@@ -15,7 +15,7 @@ with logits near ±30 shows ~1e-3 of pure float32 noise, while a tiny model show
 from __future__ import annotations
 
 import contextlib
-import gc
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from gptedge.exporter.memory import release_freed_memory
 from gptedge.runtime import contract
 from gptedge.runtime.bundle import MODEL_NAME, Architecture
 from gptedge.runtime.errors import ParityError
@@ -63,7 +64,7 @@ def check_parity(bundle_dir: Path, reference: torch.nn.Module | Callable[[], tor
     near one float32 copy of the weights plus the onnxruntime session, never three copies.
     """
     steps = _onnx_steps(Path(bundle_dir) / MODEL_NAME, arch)
-    gc.collect()
+    release_freed_memory()
     if not isinstance(reference, torch.nn.Module):
         reference = reference()
     stats: dict[str, dict[str, float]] = {}
@@ -115,7 +116,9 @@ def _float64_one_module_at_a_time(model: torch.nn.Module) -> Iterator[None]:
     float32 tensors are put back as they were (not converted back): a model loaded through a
     memory map (transformers' safetensors) would otherwise get an anonymous copy of every weight
     while the mapped file stays resident, twice the weights at the end of the pass. Tied
-    parameters stay one object."""
+    parameters stay one object. Plain ``Linear`` and ``Embedding`` modules (the LM head and the
+    token table are the largest) never hold a float64 copy of their weight (see
+    :func:`_float64_forward`)."""
     originals: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
 
     def to64(module, _args):
@@ -129,8 +132,13 @@ def _float64_one_module_at_a_time(model: torch.nn.Module) -> Iterator[None]:
             if id(param) in originals:
                 param.data = originals.pop(id(param))[1]
 
-    owners = [m for m in model.modules() if any(p.is_floating_point() for p in m.parameters(recurse=False))]
+    direct = [m for m in model.modules()
+              if type(m) in (torch.nn.Linear, torch.nn.Embedding) and "forward" not in vars(m)]
+    owners = [m for m in model.modules() if any(p.is_floating_point() for p in m.parameters(recurse=False))
+              and not any(m is d for d in direct)]
     hooks = [h for m in owners for h in (m.register_forward_pre_hook(to64), m.register_forward_hook(to32))]
+    for module in direct:
+        module.forward = functools.partial(_float64_forward, module)
     buffers = [(m, name, b) for m in model.modules() for name, b in m.named_buffers(recurse=False)
                if b is not None and b.dtype == torch.float32]
     for module, name, buffer in buffers:
@@ -140,10 +148,31 @@ def _float64_one_module_at_a_time(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for hook in hooks:
             hook.remove()
+        for module in direct:
+            del module.forward
         for module, name, buffer in buffers:
             setattr(module, name, buffer)
         for param, data in originals.values():  # a forward that raised leaves its module in float64
             param.data = data
+
+
+FLOAT64_CHUNK = 1 << 22  # weight elements converted at once: 32 MB of float64
+
+
+def _float64_forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module``'s forward in float64 with its float32 weight converted a slice at a time: an
+    embedding looks its float32 rows up and converts only those (the same values); a linear
+    layer multiplies by row blocks of its weight (a block of output features each)."""
+    if isinstance(module, torch.nn.Embedding):
+        return torch.nn.functional.embedding(x, module.weight, module.padding_idx, module.max_norm,
+                                             module.norm_type, module.scale_grad_by_freq, module.sparse).double()
+    assert isinstance(module, torch.nn.Linear)
+    weight, bias = module.weight, module.bias
+    rows = max(1, FLOAT64_CHUNK // max(int(weight.shape[1]), 1))
+    parts = [torch.nn.functional.linear(x, weight[i:i + rows].double(),
+                                        None if bias is None else bias[i:i + rows].double())
+             for i in range(0, weight.shape[0], rows)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 def _torch_outputs(reference, feeds: dict[str, np.ndarray], past: dict[str, np.ndarray],

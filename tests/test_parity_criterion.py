@@ -76,3 +76,29 @@ def test_positions_off_by_one_fail(bundle_factory):
     with pytest.raises(ParityError, match=r"present\.1\.key") as failure:
         check_parity(bundle_factory(TINY_LLAMA), PositionsOffByOne(source_decoder(TINY_LLAMA)), TINY_LLAMA)
     assert "present.0.value" not in str(failure.value)  # values carry no position: noise only
+
+
+@pytest.mark.parametrize("arch", [TINY_GPT2, TINY_LLAMA], ids=["gpt2", "llama"])
+def test_float64_pass_equals_a_float64_copy_without_making_one(arch, monkeypatch):
+    """The reference's float64 pass converts weights a slice at a time (the export's peak memory):
+    its outputs are a float64 copy's, and the LM head and the token table stay float32 throughout."""
+    import copy
+
+    from gptedge.exporter import validate
+
+    monkeypatch.setattr(validate, "FLOAT64_CHUNK", 64)  # several row blocks even on a tiny head
+    decoder = source_decoder(arch)
+    ids, mask, positions = validate.parity_inputs(arch)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    past = {f"past_key_values.{i}.{k}": np.zeros((2, arch.num_kv_heads, 0, arch.head_dim), np.float32)
+            for i in range(arch.num_layers) for k in ("key", "value")}
+    want = validate._torch_outputs(copy.deepcopy(decoder).double(), feeds, past, arch, torch.float64)
+    seen = []
+    for module in (decoder.embed, decoder.lm_head):
+        module.register_forward_hook(lambda m, args, out: seen.append((m.weight.dtype, out.dtype)))
+    with validate._float64_one_module_at_a_time(decoder):
+        got = validate._torch_outputs(decoder, feeds, past, arch, torch.float64)
+    assert seen == [(torch.float32, torch.float64)] * 2
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-12, atol=1e-12, err_msg=name)
+    assert all(p.dtype == torch.float32 for p in decoder.parameters()) and "forward" not in vars(decoder.lm_head)

@@ -8,7 +8,7 @@ from serve_helpers import chat_bundle
 
 from gptedge.runtime import load
 from gptedge.runtime.sampling import SamplingOptions
-from gptedge.runtime.serve.scheduler import Job, QueueFullError, Scheduler, Update
+from gptedge.runtime.serve.scheduler import Job, QueueFullError, Scheduler, Update, batching_caveat
 
 # (prompt ids, max new tokens, ignore_eos, temperature, seed): different lengths so rows are ragged
 REQUESTS = [
@@ -101,3 +101,27 @@ def test_full_queue_is_refused_with_retry_after(generator):
         with pytest.raises(QueueFullError, match="--max-queue") as info:
             scheduler.submit(Job([5, 6], _options(4, True, 0.0, None), lambda u: None))
         assert info.value.retry_after >= 1
+
+
+@pytest.fixture(scope="module")
+def int8_generator(tmp_path_factory):
+    from gptedge.quantize import Int8DynamicConfig, quantize
+
+    out = tmp_path_factory.mktemp("serve-int8") / "int8"
+    quantize(chat_bundle(tmp_path_factory), Int8DynamicConfig(), out, max_ppl_increase=float("inf"))
+    gen = load(out, backend="ort-cpu")
+    yield gen
+    gen.close()
+
+
+def test_int8_batching_never_changes_a_result(int8_generator):
+    """int8 MatMulNBits (accuracy level 4) quantizes each row's activations on its own, so on the
+    per-row-length batch a row's tokens do not depend on its neighbours (a per-tensor activation
+    scale, ``Int8DynamicConfig(kernel="matmulinteger")``, fails this)."""
+    alone = [int8_generator.generate(ids, options=_options(*rest)) for ids, *rest in REQUESTS]
+    tokens, widest, _ = _run(int8_generator, {0: [2], 1: [0, 4], 3: [1, 7], 4: [6, 3], 9: [5]}, 8)
+    assert widest >= 6
+    assert [tokens[i] for i in range(len(REQUESTS))] == [want.tokens for want in alone]
+    precision = int8_generator.bundle.manifest.precision
+    assert batching_caveat(precision, ragged=True) is None  # the server says nothing here
+    assert "padded portable batch" in batching_caveat(precision, ragged=False)

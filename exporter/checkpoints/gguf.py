@@ -10,6 +10,7 @@ The tokenizer (``tokenizer.ggml.model == "gpt2"``, byte-level BPE) is rebuilt as
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from gptedge.exporter.checkpoints import LoadedCheckpoint, TokenizerFiles, sha256_of
+from gptedge.exporter.checkpoints.hf_reference import transformers_reference
 from gptedge.exporter.checkpoints.llama2c import interleaved_to_half_split
 from gptedge.exporter.config import ExportConfig
 from gptedge.runtime.bundle import Architecture, TokenizerInfo
@@ -75,24 +77,45 @@ def architecture_from_gguf(meta: dict[str, Any], where: Path) -> Architecture:
         tie_word_embeddings=False)
 
 
-def read_tensors(reader: Any, where: Path) -> dict[str, np.ndarray]:
-    """GGUF tensor name -> float32 array in torch layout ([out, in] for matrices)."""
-    from gguf.quants import dequantize
+class GGUFTensors(Mapping[str, np.ndarray]):
+    """GGUF tensor name -> float32 array in torch layout ([out, in] for matrices), dequantized
+    when looked up: the loader converts one layer at a time instead of holding every tensor
+    twice (dequantized and concatenated) while it builds the state dict."""
 
-    out = {}
-    for tensor in reader.tensors:
+    def __init__(self, reader: Any, where: Path):
+        self.where = where
+        self._tensors = {tensor.name: tensor for tensor in reader.tensors}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        tensor = self._tensors[name]
         try:
             values = dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as exc:
-            raise UnsupportedModelError(f"{where}: tensor {tensor.name} has quantization type "
+            raise UnsupportedModelError(f"{self.where}: tensor {tensor.name} has quantization type "
                                         f"{tensor.tensor_type.name}, which the gguf package cannot dequantize; "
                                         "re-quantize the model to Q8_0, Q4_K or another common type") from exc
         shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims innermost first
-        out[tensor.name] = np.array(values, dtype=np.float32).reshape(shape)  # a copy: the reader maps the file read-only
-    return out
+        # a copy (not a view of the read-only file map), in its own allocation
+        return np.array(values, dtype=np.float32).reshape(shape)
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would dequantize to answer
+        return name in self._tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
 
 
-def to_state_dict(tensors: dict[str, np.ndarray], arch: Architecture, gguf_arch: str,
+def read_tensors(reader: Any, where: Path) -> GGUFTensors:
+    """The reader's tensors as float32 arrays in torch layout, each dequantized when looked up."""
+    return GGUFTensors(reader, where)
+
+
+def to_state_dict(tensors: Mapping[str, np.ndarray], arch: Architecture, gguf_arch: str,
                   where: Path) -> dict[str, torch.Tensor]:
     """Map GGUF names (token_embd, blk.N.attn_q, ...) onto the decoder's; undo llama.cpp's q/k permutation."""
     def take(name: str) -> np.ndarray:
@@ -165,7 +188,9 @@ def load_gguf(path: Path, config: ExportConfig) -> LoadedCheckpoint:
         tokenizer = None
     else:
         tokenizer = tokenizer_from_gguf(meta, path)
+    reference = transformers_reference(path)
     source = {"format": "gguf", "path": str(path), "sha256": sha256_of(path), "architecture": gguf_arch,
-              "file_type": meta.get("general.file_type"), "name": meta.get("general.name")}
-    return LoadedCheckpoint(arch=arch, state_dict=state, source=source, tokenizer=tokenizer,
+              "file_type": meta.get("general.file_type"), "name": meta.get("general.name"),
+              "reference": "transformers GGUF loading" if reference else "gptedge decoder (transformers not installed)"}
+    return LoadedCheckpoint(arch=arch, state_dict=state, source=source, tokenizer=tokenizer, reference=reference,
                             chat_template=meta.get("tokenizer.chat_template"))

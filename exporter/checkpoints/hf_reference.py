@@ -1,4 +1,5 @@
-"""The transformers model of an HF folder as the parity reference, in the Decoder's calling convention.
+"""The transformers model of an HF folder or a GGUF file as the parity reference, in the Decoder's
+calling convention.
 
 transformers is a development dependency only: :func:`transformers_reference` returns None when it
 is not importable, and the export then checks its graph against gptedge's own decoder.
@@ -13,19 +14,23 @@ from pathlib import Path
 import torch
 
 from gptedge.exporter.checkpoints import ReferenceFn
+from gptedge.runtime.errors import InputError
 
 log = logging.getLogger(__name__)
 
 
-def transformers_reference(folder: Path) -> Callable[[], ReferenceFn] | None:
-    """A builder of the transformers reference for ``folder``, or None without transformers."""
+def transformers_reference(source: Path) -> Callable[[], ReferenceFn] | None:
+    """A builder of the transformers reference for an HF folder or a ``.gguf`` file ``source``, or
+    None without transformers."""
     try:
         import transformers  # noqa: F401  (only to learn whether the reference can be built)
     except ImportError:
         log.warning("transformers is not installed: parity of %s checks the ONNX graph against gptedge's "
-                    "own decoder only (pip install 'gptedge[dev]' to compare with transformers)", folder)
+                    "own decoder only (pip install 'gptedge[dev]' to compare with transformers)", source)
         return None
-    return lambda: build_reference(folder)
+    if source.is_file():
+        return lambda: build_gguf_reference(source)
+    return lambda: build_reference(source)
 
 
 def build_reference(folder: Path) -> ReferenceFn:
@@ -41,6 +46,52 @@ def build_reference(folder: Path) -> ReferenceFn:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
     model.eval()
     return TransformersReference(model)
+
+
+def build_gguf_reference(path: Path) -> ReferenceFn:
+    """transformers' own GGUF loading of ``path`` (its config mapping and ``load_gguf_checkpoint``,
+    which dequantizes with the gguf package and undoes llama.cpp's q/k permutation), wrapped like
+    :func:`build_reference`.
+
+    ``from_pretrained(folder, gguf_file=...)`` does the same but needs accelerate, and it would
+    hold a randomly initialised model beside the dequantized tensors: here the model is built on
+    the meta device and the tensors are assigned, so the weights exist once.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    result = model.load_state_dict(tensors, strict=False, assign=True)
+    del tensors
+    model.tie_weights()
+    missing = [k for k in result.missing_keys if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or result.unexpected_keys:
+        raise InputError(f"{path}: transformers' GGUF loading left {missing[:5]} unset and did not use "
+                         f"{result.unexpected_keys[:5]}; export with --no-validate, or report the file")
+    _rebuild_meta_buffers(model, path)
+    return TransformersReference(model.eval())
+
+
+def _rebuild_meta_buffers(model: torch.nn.Module, where: Path) -> None:
+    """Give the modules whose buffers are still on the meta device (RoPE's non-persistent
+    ``inv_freq``) real ones, computed by the same class built from the model's config."""
+    for name, module in list(model.named_modules()):
+        if not any(b.is_meta for b in module.buffers(recurse=False)):
+            continue
+        try:
+            fresh = type(module)(config=model.config)
+        except TypeError as exc:
+            raise InputError(f"{where}: cannot build {type(module).__name__} ({name}) of the transformers "
+                             f"reference off the meta device ({exc}); export with --no-validate") from exc
+        for key, buffer in fresh.named_buffers(recurse=False):
+            setattr(module, key, buffer)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise InputError(f"{where}: the transformers reference has no values for {left[:5]}; "
+                         "export with --no-validate, or report the file")
 
 
 class TransformersReference(torch.nn.Module):

@@ -99,6 +99,21 @@ class Job:
         return self.row is not None and self.row.done
 
 
+def batching_caveat(precision: dict[str, Any], ragged: bool) -> str | None:
+    """Why batched greedy outputs of a bundle of this ``precision`` may differ from its
+    single-request ones (None: they do not, measured: benchmarks/serve_identity.py)."""
+    if precision.get("activations") != "int8-dynamic" and precision.get("accuracy_level") != 4:
+        return None
+    if "weight_block_size" not in precision:  # onnxruntime's quantize_dynamic: one scale per tensor
+        return ("its activations are quantized with one scale for the whole batch, so a row's tokens depend on "
+                "the other rows; re-quantize with the default int8-dynamic kernel (MatMulNBits) to serve it")
+    if not ragged:
+        return ("on the padded portable batch, the padded attention's ~1e-8 rounding differences are amplified by "
+                "the int8 activation quantization: batched greedy outputs may differ from single-request ones; "
+                "the per-row-length batch (CPU, model_ort.onnx, no --portable-batch) is exact")
+    return None
+
+
 class Scheduler:
     """Owns ``generator``'s model on one thread; at most ``max_batch`` rows run, at most
     ``max_queue`` requests wait (more answer :class:`QueueFullError`). The batch decodes on the
@@ -120,6 +135,9 @@ class Scheduler:
         ragged = backend.has_variant and backend.device == "cpu" and not portable_batch
         self.batch: PaddedBatch | VariantBatch = (VariantBatch if ragged else PaddedBatch)(backend,
                                                                                            generator.max_context)
+        warning = batching_caveat(generator.bundle.manifest.precision, ragged)
+        if warning:
+            log.warning("%s: %s", generator.bundle.path, warning)
         self.steps = 0  # decode steps run so far
         self._pending: collections.deque[Job] = collections.deque()
         self._last: dict[Job, int] = {}  # each running job's last sampled token (not yet in the cache)

@@ -32,7 +32,6 @@ GEMMA = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=256, sliding
              tie_word_embeddings=True)
 # case -> (model_type, GGUF architecture, config overrides, storage type of the matrices)
 CASES = {
-    "qwen2": ("qwen2", "qwen2", {}, F16),
     "qwen3-qk-norm-q8": ("qwen3", "qwen3", dict(head_dim=128), Q8),
     "phi3-fused": ("phi3", "phi3", dict(pad_token_id=0), F16),
     "gemma2-window-softcap": ("gemma2", "gemma2", GEMMA, F16),

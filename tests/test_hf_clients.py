@@ -6,10 +6,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hf_family_models import family_bundle
 from hf_folders import exported, gpt2_tokenizer
 
 pytest.importorskip("transformers")
 NEW_TOKENS = 10
+# test_hf_families.py's cases (one per model_type) whose bundles Optimum's ORTModelForCausalLM runs.
+# Not here: phi, phi3, gemma2, olmo2, starcoder2 — Optimum sizes the empty past with
+# num_attention_heads for model types outside its GQA list, and these tiny models use GQA, so ORT
+# refuses past_key_values.*.key's shape (a limit of Optimum's decoder class, not of the bundle).
+# mistral and qwen2 take llama's path through Optimum (ran by hand, left out to keep CI lean).
+OPTIMUM_FAMILIES = ["qwen3-qk-norm-window", "gemma", "gemma3-window-local-rope", "smollm3-nope-window",
+                    "stablelm-partial", "gpt_bigcode-mqa", "gpt_neox-parallel", "granite-multipliers"]
 
 
 def _prompts(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,19 +43,29 @@ def _hf_greedy(folder, ids, mask) -> torch.Tensor:
     return model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=pad)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_optimum_runs_the_bundle_like_transformers(tmp_path_factory, kind):
+def _assert_optimum_like_transformers(folder, bundle, kind: str) -> None:
     pytest.importorskip("optimum.onnxruntime")
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    folder, bundle = exported(kind, tmp_path_factory)
     ids, mask = _prompts(kind)
     expected = _hf_greedy(folder, ids, mask)
     model = ORTModelForCausalLM.from_pretrained(bundle, use_cache=True, use_io_binding=False, file_name="model.onnx")
+    pad = model.generation_config.pad_token_id  # may be 0, which is a real id
     got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                         pad_token_id=model.generation_config.pad_token_id or expected[0, 0].item())
+                         pad_token_id=expected[0, 0].item() if pad is None else pad)
     assert got.tolist() == expected.tolist()
-    assert len(set(expected[0, ids.shape[1]:].tolist())) > 1  # not a degenerate one-token loop
+    assert len(set(expected[:, ids.shape[1]:].flatten().tolist())) > 2  # not degenerate one-token loops
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_optimum_runs_the_bundle_like_transformers(tmp_path_factory, kind):
+    _assert_optimum_like_transformers(*exported(kind, tmp_path_factory), kind)
+
+
+@pytest.mark.slow  # the family bundles are test_hf_families.py's (one export each per session)
+@pytest.mark.parametrize("case", OPTIMUM_FAMILIES)
+def test_optimum_runs_family_bundles_like_transformers(tmp_path_factory, case):
+    _assert_optimum_like_transformers(*family_bundle(case, tmp_path_factory), case)
 
 
 def test_onnxruntime_genai_runs_the_llama_bundle_like_transformers(tmp_path_factory):

@@ -1,15 +1,13 @@
 """GGUF files (llama.cpp) -> :class:`LoadedCheckpoint`, read with the ``gguf`` package.
 
-Metadata keys ``{arch}.*`` become the :class:`Architecture`; every tensor is dequantized to
-float32 by ``gguf.quants.dequantize`` (F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, K-quants). llama.cpp's
-convert script stores the q/k rows of ``llama`` models in the interleaved (adjacent-pair) RoPE
-layout; they are put back into the half-split layout the decoder uses (qwen2 is stored unpermuted).
+Metadata keys ``{arch}.*`` become an HF config and tensor names HF names (:mod:`gguf_arch`), so each
+GGUF architecture exports through its HF family mapping; every tensor is dequantized to float32 by
+``gguf.quants.dequantize`` (F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, K-quants).
 The tokenizer (``tokenizer.ggml.model == "gpt2"``, byte-level BPE) is rebuilt as a ``tokenizer.json``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,19 +16,22 @@ import numpy as np
 import torch
 
 from gptedge.exporter.checkpoints import LoadedCheckpoint, TokenizerFiles, sha256_of
+from gptedge.exporter.checkpoints.gguf_arch import (
+    MODEL_TYPES,
+    hf_config,
+    hf_tensor_names,
+    undo_llamacpp_layout,
+)
+from gptedge.exporter.checkpoints.hf_config import architecture_from_config
 from gptedge.exporter.checkpoints.hf_reference import transformers_reference
-from gptedge.exporter.checkpoints.llama2c import interleaved_to_half_split
 from gptedge.exporter.config import ExportConfig
 from gptedge.runtime.bundle import Architecture, TokenizerInfo
 from gptedge.runtime.errors import InputError, UnsupportedModelError
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_ARCHS = ("llama", "qwen2")
 TOKENIZER_FILE = "tokenizer.json"
 # llama.cpp token types: 3 = control (<|im_start|>, <s>), 4 = user-defined; both are atomic tokens.
 SPECIAL_TOKEN_TYPES = (3, 4)
-LAYER_TENSORS = {"attn_norm": "attn_norm.weight", "attn_output": "attn.out.weight", "ffn_norm": "mlp_norm.weight",
-                 "ffn_down": "mlp.down.weight"}
 
 
 def _fields(reader: Any) -> dict[str, Any]:
@@ -45,36 +46,6 @@ def _open(path: Path) -> Any:
         return GGUFReader(str(path))
     except (ValueError, OSError) as exc:
         raise InputError(f"{path}: cannot read it as GGUF ({exc}); the file is truncated or corrupt") from exc
-
-
-def architecture_from_gguf(meta: dict[str, Any], where: Path) -> Architecture:
-    """Map GGUF metadata onto the decoder's :class:`Architecture` (llama and qwen2)."""
-    arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise UnsupportedModelError(f"{where}: GGUF architecture {arch!r} is not supported; gptedge exports GGUF "
-                                    f"architectures {', '.join(SUPPORTED_ARCHS)}")
-    keys = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count", "context_length")
-    missing = [k for k in keys if not isinstance(meta.get(f"{arch}.{k}"), int)]
-    if missing:
-        raise InputError(f"{where}: GGUF metadata lacks {[f'{arch}.{k}' for k in missing]}; the file is incomplete")
-    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-    if scaling != "none":
-        raise UnsupportedModelError(f"{where}: {arch}.rope.scaling.type={scaling!r} is not supported; "
-                                    "the decoder reads GGUF files without RoPE scaling")
-    hidden, heads = meta[f"{arch}.embedding_length"], meta[f"{arch}.attention.head_count"]
-    head_dim = meta.get(f"{arch}.attention.key_length") or hidden // heads
-    if meta.get(f"{arch}.rope.dimension_count", head_dim) != head_dim:
-        raise UnsupportedModelError(f"{where}: {arch}.rope.dimension_count={meta[f'{arch}.rope.dimension_count']} "
-                                    f"is not supported: the decoder rotates the whole head ({head_dim})")
-    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
-    return Architecture(
-        vocab_size=int(vocab), hidden_size=hidden, num_layers=meta[f"{arch}.block_count"], num_heads=heads,
-        num_kv_heads=meta.get(f"{arch}.attention.head_count_kv") or heads, head_dim=int(head_dim),
-        intermediate_size=meta[f"{arch}.feed_forward_length"], max_context=meta[f"{arch}.context_length"],
-        norm="rmsnorm", norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        norm_bias=False, position="rope", rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-        activation="swiglu", qkv_bias=arch == "qwen2", attn_out_bias=False, mlp_bias=False,
-        tie_word_embeddings=False)
 
 
 class GGUFTensors(Mapping[str, np.ndarray]):
@@ -115,31 +86,39 @@ def read_tensors(reader: Any, where: Path) -> GGUFTensors:
     return GGUFTensors(reader, where)
 
 
-def to_state_dict(tensors: Mapping[str, np.ndarray], arch: Architecture, gguf_arch: str,
-                  where: Path) -> dict[str, torch.Tensor]:
-    """Map GGUF names (token_embd, blk.N.attn_q, ...) onto the decoder's; undo llama.cpp's q/k permutation."""
-    def take(name: str) -> np.ndarray:
-        if name not in tensors:
-            raise InputError(f"{where}: tensor {name!r} is missing; the GGUF file is incomplete")
-        return tensors[name]
+class _Renamed(Mapping[str, torch.Tensor]):
+    """HF name -> the GGUF tensor with llama.cpp's layout undone, converted when looked up (so the
+    family mapping fuses one layer at a time instead of holding every tensor twice)."""
 
-    state = {"embed.weight": torch.from_numpy(take("token_embd.weight")),
-             "norm.weight": torch.from_numpy(take("output_norm.weight"))}
-    if not arch.tie_word_embeddings:
-        state["lm_head.weight"] = torch.from_numpy(take("output.weight"))
-    for i in range(arch.num_layers):
-        q, k, v = (take(f"blk.{i}.attn_{n}.weight") for n in "qkv")
-        if gguf_arch == "llama":
-            q, k = interleaved_to_half_split(q, arch.num_heads), interleaved_to_half_split(k, arch.num_kv_heads)
-        state[f"layers.{i}.attn.qkv.weight"] = torch.from_numpy(np.concatenate([q, k, v]))
-        if arch.qkv_bias:
-            biases = [take(f"blk.{i}.attn_{n}.bias") for n in "qkv"]
-            state[f"layers.{i}.attn.qkv.bias"] = torch.from_numpy(np.concatenate(biases))
-        gate_up = [take(f"blk.{i}.ffn_gate.weight"), take(f"blk.{i}.ffn_up.weight")]
-        state[f"layers.{i}.mlp.gate_up.weight"] = torch.from_numpy(np.concatenate(gate_up))
-        for gguf_name, name in LAYER_TENSORS.items():
-            state[f"layers.{i}.{name}"] = torch.from_numpy(take(f"blk.{i}.{gguf_name}.weight"))
-    return state
+    def __init__(self, tensors: Mapping[str, np.ndarray], names: dict[str, str], gguf_arch: str,
+                 heads: tuple[int, int]):
+        self._tensors, self._arch, self._heads = tensors, gguf_arch, heads
+        self._gguf_name = {hf_name: gguf_name for gguf_name, hf_name in names.items()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        gguf_name = self._gguf_name[name]
+        return torch.from_numpy(undo_llamacpp_layout(self._arch, gguf_name, self._tensors[gguf_name], self._heads))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._gguf_name)
+
+    def __len__(self) -> int:
+        return len(self._gguf_name)
+
+
+def to_state_dict(tensors: Mapping[str, np.ndarray], cfg: dict[str, Any], arch: Architecture,
+                  where: Path) -> dict[str, torch.Tensor]:
+    """GGUF tensors -> the decoder's state dict: HF names from gguf's table, llama.cpp's layout
+    changes undone, then the HF family's rules (fusing q/k/v and gate/up, transposing Conv1D)."""
+    from gptedge.exporter.checkpoints.hf import map_state_dict
+    from gptedge.exporter.checkpoints.hf_config import family_of
+
+    gguf_arch = next(k for k, v in MODEL_TYPES.items() if v == cfg["model_type"])
+    family = family_of(cfg, where)
+    names = hf_tensor_names(gguf_arch, arch.num_layers, list(tensors), family, where)
+    heads = (arch.num_heads, arch.num_kv_heads)
+    raw = _Renamed(tensors, names, gguf_arch, heads)
+    return map_state_dict(family, cfg["model_type"], raw, arch, where)
 
 
 def tokenizer_from_gguf(meta: dict[str, Any], where: Path) -> TokenizerFiles:
@@ -173,12 +152,12 @@ def load_gguf(path: Path, config: ExportConfig) -> LoadedCheckpoint:
     path = Path(path)
     reader = _open(path)
     meta = _fields(reader)
+    # the metadata first: an unknown architecture is refused before any tensor is dequantized
+    cfg = hf_config(meta, {t.name for t in reader.tensors}, path)
+    arch = architecture_from_config(cfg, path, config.max_context)
     tensors = read_tensors(reader, path)
-    # llama.cpp stores no output.weight for a tied head: the bundle then keeps one shared table
-    arch = dataclasses.replace(architecture_from_gguf(meta, path),
-                               tie_word_embeddings="output.weight" not in tensors)
     gguf_arch = meta["general.architecture"]
-    state = to_state_dict(tensors, arch, gguf_arch, path)
+    state = to_state_dict(tensors, cfg, arch, path)
     del tensors
     del reader
     if config.tokenizer is not None:

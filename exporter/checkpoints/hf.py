@@ -14,6 +14,7 @@ import json
 import pickle
 import re
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -134,7 +135,7 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
-def map_state_dict(family: Family, model_type: str, raw: dict[str, torch.Tensor], arch: Architecture,
+def map_state_dict(family: Family, model_type: str, raw: Mapping[str, torch.Tensor], arch: Architecture,
                    folder: Path) -> dict[str, torch.Tensor]:
     """Rename (and transpose / fuse) an HF state dict onto the decoder's parameter names, in fp32."""
     rules, skip, prefix = family.rules, family.skip_pattern(), family.prefix
@@ -171,7 +172,8 @@ def map_state_dict(family: Family, model_type: str, raw: dict[str, torch.Tensor]
 
 def _fuse(parts: dict[str, dict[int, torch.Tensor]], folder: Path) -> dict[str, torch.Tensor]:
     fused = {}
-    for target, pieces in parts.items():
+    for target in list(parts):
+        pieces = parts.pop(target)  # freed once fused: the pieces and the fused copy never all coexist
         count = next(n for key, n in _PARTS.items() if key in target)
         if sorted(pieces) != list(range(count)):
             raise InputError(f"{folder}: {target} needs {count} projections but the checkpoint has only "

@@ -60,6 +60,9 @@ CASES: dict[str, tuple[str, dict, bool]] = {
 }
 
 
+OMIT = object()  # an override that leaves a size keyword out (FalconConfig's head_dim is read-only)
+
+
 def tiny_config(model_type: str, **overrides):
     from transformers import AutoConfig
 
@@ -67,7 +70,7 @@ def tiny_config(model_type: str, **overrides):
                  num_key_value_heads=2, head_dim=16, intermediate_size=96, max_position_embeddings=CONTEXT,
                  bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     sizes.update(overrides)
-    return AutoConfig.for_model(model_type, **sizes)
+    return AutoConfig.for_model(model_type, **{k: v for k, v in sizes.items() if v is not OMIT})
 
 
 def tiny_folder(path: Path, model_type: str, **overrides) -> Path:
@@ -100,10 +103,10 @@ def case(request, tmp_path_factory):
     return request.param, folder, root / "bundle"
 
 
-def _hf_greedy(folder: Path, prompt: list[int]) -> list[int]:
+def _hf_greedy(folder: Path, prompt: list[int], attention: str = "eager") -> list[int]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attention).eval()
     ids = torch.tensor([prompt])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
                          eos_token_id=None, pad_token_id=0)

@@ -12,6 +12,7 @@ from test_hf_families import NEW_TOKENS, OMIT, PROMPT, _hf_greedy, tiny_folder
 from gptedge.exporter import ExportConfig, export
 from gptedge.runtime.bundle import load_bundle
 from gptedge.runtime.generate import load
+from gptedge.runtime.ort.variant import unsupported
 from gptedge.runtime.trt.lint import lint_bundle
 
 pytest.importorskip("transformers")
@@ -53,6 +54,8 @@ def test_export_matches_transformers_and_lints_for_trt(case):
     report = lint_bundle(bundle, "10.3")
     assert report.ok, [f.message for f in report.errors]
     assert (manifest.architecture.position == "alibi") == ("alibi" in name)
+    if "alibi" in name:  # the variant is refused up front, with the reason (logged), not tried
+        assert "ALiBi" in (unsupported(manifest.architecture) or "")
 
 
 def test_greedy_tokens_equal_transformers_generate_and_batch_equals_single(case):

@@ -4,16 +4,19 @@ Shapes: B batch, S new tokens this call, P past tokens, T = P + S, C hidden size
 K kv heads, D head dim, V vocab. Parameter names are checkpoint-neutral; loaders map onto them:
 
     embed.weight [V, C]                pos_embed.weight [max_context, C]  (learned positions)
+    embed_norm.{weight,bias}           (embed_norm: BLOOM)
     layers.{i}.attn_norm.{weight,bias} layers.{i}.attn.qkv.{weight,bias}  [(H+2K)*D, C]
     layers.{i}.attn.out.{weight,bias}  [C, H*D]
-    layers.{i}.mlp_norm.{weight,bias}  layers.{i}.mlp.up.{weight,bias}  [I, C]   (gelu)
+    layers.{i}.mlp_norm.{weight,bias}  layers.{i}.mlp.up.{weight,bias}  [I, C]   (gelu, relu2)
                                        layers.{i}.mlp.gate_up.weight    [2I, C]  (swiglu: gate, then up)
     layers.{i}.mlp.down.{weight,bias}  [C, I]
     norm.{weight,bias}                 lm_head.{weight,bias} [V, C]  (tied: the same tensor as embed)
-    layers.{i}.attn.{q,k}_norm.weight  [D] or [H*D] / [K*D]  (qk_norm)
+    layers.{i}.attn.{q,k}_norm.weight  [D] or [H*D] / [K*D] or [H, D] / [K, D]  (qk_norm head / all / per_head)
     layers.{i}.{attn,mlp}_post_norm.weight  (norm_placement pre_post / post)
 
-RoPE uses HF's half-split layout; loaders of interleaved checkpoints (llama2.c) permute q/k rows.
+RoPE uses HF's half-split layout (``rope_interleaved``: adjacent pairs, as Cohere's transformers code
+keeps its cache); loaders of interleaved checkpoints (llama2.c) permute q/k rows. ALiBi
+(``position="alibi"``) adds its per-head bias to the attention mask's bias.
 """
 
 from __future__ import annotations
@@ -45,25 +48,57 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(variance + self.eps) * weight
 
 
+class OffsetLayerNorm(nn.LayerNorm):
+    """LayerNorm whose weight is used as ``weight + offset`` (Nemotron's LayerNorm1P: offset 1)."""
+
+    def __init__(self, size: int, eps: float, bias: bool, offset: float):
+        super().__init__(size, eps=eps, bias=bias)
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight + self.offset, self.bias, self.eps)
+
+
+class PerHeadNorm(nn.Module):
+    """A norm over each head's D features with its own weight per head, weight [heads, D]; input
+    [B, S, heads, D] (Cohere's q/k LayerNorm; ``rms`` for an RMSNorm of the same shape)."""
+
+    def __init__(self, heads: int, head_dim: int, eps: float, rms: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(heads, head_dim))
+        self.eps, self.rms = eps, rms
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rms:
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return F.layer_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
+
+
 def make_norm(arch: Architecture, size: int | None = None) -> nn.Module:
     size = size or arch.hidden_size
     if arch.norm == "rmsnorm":
         return RMSNorm(size, arch.norm_eps, arch.norm_offset)
+    if arch.norm_offset:
+        return OffsetLayerNorm(size, arch.norm_eps, arch.norm_bias, arch.norm_offset)
     return nn.LayerNorm(size, eps=arch.norm_eps, bias=arch.norm_bias)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """(-x2, x1) for the halves x1, x2 of the last dim; ``interleaved``: for each adjacent pair."""
+    if interleaved:
+        pairs = x.unflatten(-1, (-1, 2))  # ..., D/2, 2
+        return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
     """Rotate the first cos.shape[-1] features of each head (all of them unless partial rotary)."""
     rotary = cos.shape[-1]
     if rotary == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
+        return x * cos + rotate_half(x, interleaved) * sin
     turned, kept = x[..., :rotary], x[..., rotary:]
-    return torch.cat([turned * cos + rotate_half(turned) * sin, kept], dim=-1)
+    return torch.cat([turned * cos + rotate_half(turned, interleaved) * sin, kept], dim=-1)
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -76,11 +111,15 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
         self.scale = arch.attn_scale if arch.attn_scale is not None else 1.0 / math.sqrt(arch.head_dim)
-        self.softcap, self.qk_norm = arch.attn_softcap, arch.qk_norm
+        self.softcap, self.qk_norm, self.interleaved = arch.attn_softcap, arch.qk_norm, arch.rope_interleaved
         qkv_out = (self.n_head + 2 * self.n_kv) * self.head_dim
         self.qkv = nn.Linear(arch.hidden_size, qkv_out, bias=arch.qkv_bias)
         self.out = nn.Linear(self.n_head * self.head_dim, arch.hidden_size, bias=arch.attn_out_bias)
-        if arch.qk_norm != "none":  # per head (Qwen3) or over all heads' features (OLMo 2)
+        if arch.qk_norm == "per_head":  # a weight per head (Cohere)
+            rms = arch.norm == "rmsnorm"
+            self.q_norm: nn.Module = PerHeadNorm(self.n_head, self.head_dim, arch.norm_eps, rms)
+            self.k_norm: nn.Module = PerHeadNorm(self.n_kv, self.head_dim, arch.norm_eps, rms)
+        elif arch.qk_norm != "none":  # per head (Qwen3) or over all heads' features (OLMo 2)
             per_head = arch.qk_norm == "head"
             size = self.head_dim if per_head else self.n_head * self.head_dim
             self.q_norm = RMSNorm(size, arch.norm_eps, arch.norm_offset)
@@ -93,13 +132,16 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
         if self.qk_norm == "all":
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(B, S, H, D).transpose(1, 2)  # B, H, S, D
-        k = k.view(B, S, K, D).transpose(1, 2)  # B, K, S, D
+        q, k = q.view(B, S, H, D), k.view(B, S, K, D)
+        if self.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.transpose(1, 2)  # B, H, S, D
+        k = k.transpose(1, 2)  # B, K, S, D
         v = v.view(B, S, K, D).transpose(1, 2)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
         k = torch.cat([past_k, k], dim=2)  # B, K, T, D
         v = torch.cat([past_v, v], dim=2)
         present_k, present_v = k, v
@@ -134,6 +176,9 @@ class MLP(nn.Module):
         if self.activation == "geglu_tanh":
             gate, up = self.gate_up(x).chunk(2, dim=-1)
             return self.down(F.gelu(gate, approximate="tanh") * up)
+        if self.activation == "relu2":
+            h = F.relu(self.up(x))
+            return self.down(h * h)
         approximate = "tanh" if self.activation == "gelu_tanh" else "none"
         return self.down(F.gelu(self.up(x), approximate=approximate))
 
@@ -184,9 +229,11 @@ class Decoder(nn.Module):
         self.arch = arch
         self.transposed_tied_table = False  # set while exporting; see forward()
         self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        if arch.embed_norm:
+            self.embed_norm = make_norm(arch)
         if arch.position == "learned":
             self.pos_embed = nn.Embedding(arch.max_context, arch.hidden_size)
-        else:
+        elif arch.position == "rope":
             self.reset_rope()
         self.layers = nn.ModuleList(Block(arch) for _ in range(arch.num_layers))
         self.norm = make_norm(arch)
@@ -220,11 +267,16 @@ class Decoder(nn.Module):
             x = self.embed(input_ids)  # B, S, C
         if self.arch.embed_scale != 1.0:
             x = x * self.arch.embed_scale
+        if self.arch.embed_norm:
+            x = self.embed_norm(x)
         if self.arch.position == "learned":
             x = x + self.pos_embed(position_ids)
         rope = self._rope_tables(position_ids)
         biases = {window: attention_bias(attention_mask, input_ids.shape[1], window)
                   for window in {self.arch.window_of(i) for i in range(self.arch.num_layers)}}  # B, 1, S, T
+        if self.arch.position == "alibi":
+            alibi = alibi_bias(attention_mask, self.arch)  # B, H, 1, T
+            biases = {window: bias + alibi for window, bias in biases.items()}  # B, H, S, T
         presents = []
         for i, (layer, (past_k, past_v)) in enumerate(zip(self.layers, past_key_values)):
             local = self.arch.rope_local_theta is not None and self.arch.window_of(i) is not None
@@ -247,15 +299,19 @@ class Decoder(nn.Module):
         if hasattr(self, "inv_freq_long"):  # longrope: the long factors once the sequence outgrows the original context
             original = (self.arch.rope_scaling or {})["original_max_position_embeddings"]
             inv_freq = torch.where(position_ids.max() + 1 > original, self.get_buffer("inv_freq_long"), inv_freq)
-        tables = {"global": _cos_sin(position_ids, inv_freq, attention_factor(self.arch))}
+        interleaved = self.arch.rope_interleaved
+        tables = {"global": _cos_sin(position_ids, inv_freq, attention_factor(self.arch), interleaved)}
         if hasattr(self, "inv_freq_local"):
-            tables["local"] = _cos_sin(position_ids, self.get_buffer("inv_freq_local"), 1.0)
+            tables["local"] = _cos_sin(position_ids, self.get_buffer("inv_freq_local"), 1.0, interleaved)
         return tables
 
 
-def _cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, factor: float) -> tuple:
+def _cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, factor: float, interleaved: bool = False) -> tuple:
     angles = position_ids.unsqueeze(-1).float() * inv_freq  # B, S, D/2
-    angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)  # B, 1, S, D
+    if interleaved:  # each frequency serves one adjacent pair
+        angles = torch.stack([angles, angles], dim=-1).flatten(-2).unsqueeze(1)  # B, 1, S, D
+    else:
+        angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)  # B, 1, S, D
     if factor != 1.0:
         return angles.cos() * factor, angles.sin() * factor
     return angles.cos(), angles.sin()
@@ -278,6 +334,32 @@ def attention_bias(attention_mask: torch.Tensor, seq_len: int, window: int | Non
     zero = torch.zeros((), dtype=torch.float32)
     masked = torch.full((), MASK_VALUE, dtype=torch.float32)
     return torch.where(allowed, zero, masked).unsqueeze(1)
+
+
+def alibi_slopes(num_heads: int) -> list[float]:
+    """ALiBi's per-head slopes, as transformers' ``build_alibi_tensor`` computes them (heads beyond
+    the largest power of two take every other slope of the next power's sequence)."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
+    slopes = [base ** p for p in range(1, 1 + closest)]
+    if closest != num_heads:
+        extra = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra ** p for p in range(1, 1 + 2 * min(closest, num_heads - closest), 2)]
+    return slopes
+
+
+def alibi_bias(attention_mask: torch.Tensor, arch: Architecture) -> torch.Tensor:
+    """ALiBi bias [B, H, 1, T]: slope(h) * key position, positions counted over the mask's kept
+    tokens (transformers' ``(cumsum(mask) - 1) * mask``), so left padding and decode steps see the
+    positions transformers sees. Adding ``slope * key position`` instead of ``-slope * distance``
+    changes each query row by a constant, which softmax ignores. Falcon (``alibi_scaled``) scales the
+    bias with the scores."""
+    slopes = torch.tensor(alibi_slopes(arch.num_heads), dtype=torch.float32)
+    if arch.alibi_scaled:
+        slopes = slopes * (arch.attn_scale if arch.attn_scale is not None else 1.0 / math.sqrt(arch.head_dim))
+    kept = attention_mask.to(torch.float32)
+    positions = (kept.cumsum(-1) - 1.0) * kept  # B, T
+    return slopes.view(1, -1, 1, 1) * positions[:, None, None, :]
 
 
 def empty_past(arch: Architecture, batch: int, dtype: torch.dtype = torch.float32):

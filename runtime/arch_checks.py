@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-QK_NORMS = ("none", "head", "all")
+QK_NORMS = ("none", "head", "all", "per_head")
 NORM_PLACEMENTS = ("pre", "pre_post", "post")
 PARALLEL_RESIDUALS = ("none", "shared_norm", "two_norms")
 

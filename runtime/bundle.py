@@ -26,8 +26,8 @@ MODEL_NAME = "model.onnx"
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 
 NORMS = ("layernorm", "rmsnorm")
-POSITIONS = ("learned", "rope")
-ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "geglu_tanh")
+POSITIONS = ("learned", "rope", "alibi")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "geglu_tanh", "relu2")
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,14 @@ class Architecture:
     the embeddings, ``residual_scale`` each sub-block's output (Granite); ``attn_scale`` replaces
     1/sqrt(head_dim); ``attn_softcap`` / ``logit_softcap`` apply ``c * tanh(x / c)`` to attention
     scores / logits; logits are divided by ``logit_divisor``.
+
+    ``position="alibi"`` adds ALiBi's per-head ``slope * key position`` (positions counted from the
+    attention mask, as transformers does) to the scores instead of rotating q/k; ``alibi_scaled``
+    adds it before the ``attn_scale`` multiply (Falcon) rather than after (BLOOM). ``embed_norm``
+    normalises the embeddings (BLOOM's ``word_embeddings_layernorm``). ``rope_interleaved`` rotates
+    adjacent feature pairs (GPT-J, Cohere) instead of the two halves. ``qk_norm="per_head"`` is a
+    norm of kind ``norm`` over each head's features with a weight per head (Cohere). ``norm_offset``
+    applies to LayerNorm too (Nemotron's LayerNorm1P); ``relu2`` is ``relu(x)**2`` (Nemotron).
     """
 
     vocab_size: int
@@ -87,6 +95,9 @@ class Architecture:
     attn_softcap: float | None = None
     logit_softcap: float | None = None
     logit_divisor: float = 1.0
+    alibi_scaled: bool = False
+    embed_norm: bool = False
+    rope_interleaved: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -105,7 +116,8 @@ class Architecture:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 problems.append(f"{name}={value!r} must be a positive number")
-        for name in ("norm_bias", "qkv_bias", "attn_out_bias", "mlp_bias", "tie_word_embeddings", "lm_head_bias"):
+        for name in ("norm_bias", "qkv_bias", "attn_out_bias", "mlp_bias", "tie_word_embeddings", "lm_head_bias",
+                     "alibi_scaled", "embed_norm", "rope_interleaved"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r} must be true or false")
         problems += family_problems(self)

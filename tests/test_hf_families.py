@@ -24,10 +24,10 @@ def case(request, tmp_path_factory):
     return (request.param, *family_bundle(request.param, tmp_path_factory))
 
 
-def _hf_greedy(folder: Path, prompt: list[int]) -> list[int]:
+def _hf_greedy(folder: Path, prompt: list[int], attention: str = "eager") -> list[int]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attention).eval()
     ids = torch.tensor([prompt])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
                          eos_token_id=None, pad_token_id=0)

@@ -60,7 +60,7 @@ def load_hf(folder: Path, config: ExportConfig) -> LoadedCheckpoint:
     if genai_type is not None:
         extra_files[GENAI_CONFIG_NAME] = genai_config_bytes(
             arch, genai_type, export_context(cfg, config.max_context), tokenizer.info if tokenizer else None)
-    reference = transformers_reference(folder)
+    reference = transformers_reference(folder, family.reference_attention(cfg))
     source = {"format": "hf", "path": str(folder), "model_type": cfg["model_type"],
               "weight_files": [p.name for p in weight_files],
               "config_sha256": hashlib.sha256(extra_files["config.json"]).hexdigest(),

@@ -43,7 +43,8 @@ class Family:
     """One HF family: its ``model_type`` values, required integer keys, config mapping, weight-name
     rules (on names without ``prefix``), names to skip, onnxruntime-genai's ``model.type`` for it
     (None: genai has no pipeline for it) and ``convert`` (arch, decoder name, tensor) -> tensor
-    for layouts a rename cannot fix."""
+    for layouts a rename cannot fix; ``reference_attention`` (config -> transformers'
+    ``attn_implementation``) picks the parity reference's attention code where eager is wrong."""
 
     model_types: tuple[str, ...]
     required: tuple[str, ...]
@@ -54,6 +55,7 @@ class Family:
     genai_type: Callable[[str], str | None] = lambda model_type: None
     context_key: str = "max_position_embeddings"
     convert: Callable[[Architecture, str, Any], Any] = unchanged
+    reference_attention: Callable[[dict[str, Any]], str] = lambda cfg: "eager"
 
     def skip_pattern(self) -> re.Pattern[str]:
         return re.compile(self.skip)

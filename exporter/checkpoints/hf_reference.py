@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,9 +20,9 @@ from gptedge.runtime.errors import InputError
 log = logging.getLogger(__name__)
 
 
-def transformers_reference(source: Path) -> Callable[[], ReferenceFn] | None:
-    """A builder of the transformers reference for an HF folder or a ``.gguf`` file ``source``, or
-    None without transformers."""
+def transformers_reference(source: Path, attention: str = "eager") -> Callable[[], ReferenceFn] | None:
+    """A builder of the transformers reference for an HF folder or a ``.gguf`` file ``source``
+    (``attention``: transformers' ``attn_implementation`` for a folder), or None without transformers."""
     try:
         import transformers  # noqa: F401  (only to learn whether the reference can be built)
     except ImportError:
@@ -30,11 +31,12 @@ def transformers_reference(source: Path) -> Callable[[], ReferenceFn] | None:
         return None
     if source.is_file():
         return lambda: build_gguf_reference(source)
-    return lambda: build_reference(source)
+    return lambda: build_reference(source, attention)
 
 
-def build_reference(folder: Path) -> ReferenceFn:
-    """Load ``folder`` with ``AutoModelForCausalLM`` (fp32, eager attention, eval mode) and wrap it.
+def build_reference(folder: Path, attention: str = "eager") -> ReferenceFn:
+    """Load ``folder`` with ``AutoModelForCausalLM`` (fp32, ``attention`` as its attention
+    implementation: eager unless the family says otherwise, eval mode) and wrap it.
 
     The returned module takes ``input_ids, attention_mask, position_ids [B, S|T]`` and ``past``
     (one ``(key, value)`` pair per layer, each ``[B, K, P, D]``; ``P == 0`` means no cache) and
@@ -43,7 +45,7 @@ def build_reference(folder: Path) -> ReferenceFn:
     """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attention)
     model.eval()
     return TransformersReference(model)
 
@@ -100,6 +102,10 @@ class TransformersReference(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
+        config: Any = model.config
+        # Falcon's new decoder architecture caches each kv head once per query head it serves
+        self.kv_repeat = (config.num_attention_heads // config.num_kv_heads
+                          if getattr(config, "new_decoder_architecture", False) else 1)
         base = getattr(model, "model", None) or getattr(model, "transformer", None) or getattr(model, "gpt_neox", None)
         for layer in getattr(base, "layers", None) or getattr(base, "h", None) or ():  # Llama-style or GPT-2-style
             layer.register_forward_hook(_zero_non_finite)
@@ -110,7 +116,7 @@ class TransformersReference(torch.nn.Module):
         cache = DynamicCache()
         if past and past[0][0].shape[2] > 0:
             for layer, (key, value) in enumerate(past):
-                cache.update(key.clone(), value.clone(), layer)
+                cache.update(*(t.repeat_interleave(self.kv_repeat, dim=1) for t in (key, value)), layer)
         with torch.no_grad():
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=cache, use_cache=True)
@@ -119,6 +125,8 @@ class TransformersReference(torch.nn.Module):
             presents = [(layer.keys, layer.values) for layer in cache.layers]
         else:
             presents = [tuple(pair) for pair in cache.to_legacy_cache()]
+        if self.kv_repeat > 1:
+            presents = [(key[:, ::self.kv_repeat], value[:, ::self.kv_repeat]) for key, value in presents]
         return out.logits, presents
 
 

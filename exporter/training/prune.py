@@ -26,6 +26,7 @@ import torch
 
 from gptedge.exporter.model import MLP, Attention, Decoder
 from gptedge.quantize import prune as rules
+from gptedge.runtime.errors import UnsupportedModelError
 
 PRUNE_METHODS = ("magnitude", "2:4", "structured")
 _PRUNABLE = re.compile(r"^layers\.\d+\.(attn\.(qkv|out)|mlp\.(up|gate_up|down))\.weight$")
@@ -124,6 +125,10 @@ def prune_attention_heads(decoder: Decoder, fraction: float) -> Decoder:
     from gptedge.exporter.pipeline import build_decoder
 
     arch = decoder.arch
+    if arch.position == "alibi" or arch.qk_norm == "per_head":
+        # ALiBi's slopes and Cohere's per-head q/k norm weights belong to head indices
+        raise UnsupportedModelError(f"pruning attention heads of a model with position={arch.position!r}, "
+                                    f"qk_norm={arch.qk_norm!r} is not supported; prune MLP neurons only")
     H, K, D = arch.num_heads, arch.num_kv_heads, arch.head_dim
     group = H // K
     if group == 1:

@@ -100,6 +100,8 @@ def unsupported(arch: Architecture) -> str | None:
     scaling = arch.rope_scaling or {}
     if arch.head_dim % 16:
         return f"head_dim {arch.head_dim} is not a multiple of 16 (GroupQueryAttention needs it)"
+    if arch.position == "alibi":
+        return "ALiBi adds a per-head position bias to the scores, which GroupQueryAttention has no input for"
     if arch.qk_norm != "none":
         return "q/k norms sit between the QKV projection and the rotary embedding GroupQueryAttention applies"
     if scaling.get("rope_type") == "longrope" and arch.max_context > scaling["original_max_position_embeddings"]:
@@ -274,7 +276,7 @@ def _attention_node(index: GraphIndex, arch: Architecture, layer: int,
     return helper.make_node(
         "GroupQueryAttention", inputs, [attn_output, key_out, value_out], domain=MS_DOMAIN,
         name=f"/layers.{layer}/attn/GroupQueryAttention", num_heads=arch.num_heads,
-        kv_num_heads=arch.num_kv_heads, do_rotary=int(rotary), rotary_interleaved=0,
+        kv_num_heads=arch.num_kv_heads, do_rotary=int(rotary), rotary_interleaved=int(arch.rope_interleaved),
         scale=float(arch.attn_scale if arch.attn_scale is not None else arch.head_dim ** -0.5),
         # the window counts the query itself, like transformers' (checked by attach's parity run)
         local_window_size=window if window is not None else -1, **extra)

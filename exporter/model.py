@@ -12,8 +12,10 @@ K kv heads, D head dim, V vocab. Parameter names are checkpoint-neutral; loaders
     norm.{weight,bias}                 lm_head.{weight,bias} [V, C]  (tied: the same tensor as embed)
     layers.{i}.attn.{q,k}_norm.weight  [D] or [H*D] / [K*D]  (qk_norm)
     layers.{i}.{attn,mlp}_post_norm.weight  (norm_placement pre_post / post)
+    project_in.weight [C, E]  project_out.weight [E, C]  (embed_proj_dim E: embed [V, E], lm_head [V, E])
 
-RoPE uses HF's half-split layout; loaders of interleaved checkpoints (llama2.c) permute q/k rows.
+RoPE uses HF's half-split layout unless ``rope_interleaved`` (GPT-J, Helium: the KV cache holds
+keys as transformers does, so it is a graph switch); llama2.c's loader permutes q/k rows instead.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def make_norm(arch: Architecture, size: int | None = None) -> nn.Module:
     size = size or arch.hidden_size
     if arch.norm == "rmsnorm":
         return RMSNorm(size, arch.norm_eps, arch.norm_offset)
-    return nn.LayerNorm(size, eps=arch.norm_eps, bias=arch.norm_bias)
+    return nn.LayerNorm(size, eps=arch.norm_eps, elementwise_affine=arch.norm_affine, bias=arch.norm_bias)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -57,13 +59,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] features of each head (all of them unless partial rotary)."""
-    rotary = cos.shape[-1]
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """GPT-J's rotate_every_two: (x0, x1, x2, x3 ...) -> (-x1, x0, -x3, x2 ...)."""
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] features of each head (all of them unless partial rotary);
+    ``interleaved``: adjacent pairs (cos/sin tables built by ``_cos_sin`` with the same flag)."""
+    rotary, rotate = cos.shape[-1], rotate_pairs if interleaved else rotate_half
     if rotary == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
+        return x * cos + rotate(x) * sin
     turned, kept = x[..., :rotary], x[..., rotary:]
-    return torch.cat([turned * cos + rotate_half(turned) * sin, kept], dim=-1)
+    return torch.cat([turned * cos + rotate(turned) * sin, kept], dim=-1)
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -77,6 +85,7 @@ class Attention(nn.Module):
         self.n_head, self.n_kv, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
         self.scale = arch.attn_scale if arch.attn_scale is not None else 1.0 / math.sqrt(arch.head_dim)
         self.softcap, self.qk_norm = arch.attn_softcap, arch.qk_norm
+        self.clip, self.interleaved = arch.qkv_clip, arch.rope_interleaved
         qkv_out = (self.n_head + 2 * self.n_kv) * self.head_dim
         self.qkv = nn.Linear(arch.hidden_size, qkv_out, bias=arch.qkv_bias)
         self.out = nn.Linear(self.n_head * self.head_dim, arch.hidden_size, bias=arch.attn_out_bias)
@@ -90,7 +99,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, bias, past_k, past_v):
         B, S, _ = x.shape
         H, K, D = self.n_head, self.n_kv, self.head_dim
-        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
+        qkv = self.qkv(x)
+        if self.clip is not None:  # OLMo's clip_qkv
+            qkv = qkv.clamp(-self.clip, self.clip)
+        q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
         if self.qk_norm == "all":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, S, H, D).transpose(1, 2)  # B, H, S, D
@@ -99,7 +111,7 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
         k = torch.cat([past_k, k], dim=2)  # B, K, T, D
         v = torch.cat([past_v, v], dim=2)
         present_k, present_v = k, v
@@ -134,28 +146,36 @@ class MLP(nn.Module):
         if self.activation == "geglu_tanh":
             gate, up = self.gate_up(x).chunk(2, dim=-1)
             return self.down(F.gelu(gate, approximate="tanh") * up)
+        if self.activation == "relu":
+            return self.down(F.relu(self.up(x)))
         approximate = "tanh" if self.activation == "gelu_tanh" else "none"
         return self.down(F.gelu(self.up(x), approximate=approximate))
 
 
 class Block(nn.Module):
     """One layer. ``norm_placement``: ``pre`` normalises each sub-block's input, ``post`` its output,
-    ``pre_post`` both; each output is scaled by ``residual_scale`` before it joins the residual."""
+    ``pre_post`` both; each output is scaled by ``residual_scale`` before it joins the residual.
+    ``post_residual`` normalises the sum instead, ``x = norm(x + f(x))`` (OPT-350m)."""
 
     def __init__(self, arch: Architecture):
         super().__init__()
         self.residual_scale, self.parallel = arch.residual_scale, arch.parallel_residual
+        self.norm_after_add = arch.norm_placement == "post_residual"
         if arch.norm_placement != "post":
             self.attn_norm = make_norm(arch)
             if arch.parallel_residual != "shared_norm":
                 self.mlp_norm = make_norm(arch)
-        if arch.norm_placement != "pre":
+        if arch.norm_placement in ("pre_post", "post"):
             self.attn_post_norm = make_norm(arch)
             self.mlp_post_norm = make_norm(arch)
         self.attn = Attention(arch)
         self.mlp = MLP(arch)
 
     def forward(self, x, cos, sin, bias, past_k, past_v):
+        if self.norm_after_add:
+            h, present_k, present_v = self.attn(x, cos, sin, bias, past_k, past_v)
+            x = self.attn_norm(x + h)
+            return self.mlp_norm(x + self.mlp(x)), present_k, present_v
         h = self.attn_norm(x) if hasattr(self, "attn_norm") else x
         if self.parallel != "none":  # attention and MLP both read the block's input (Phi, GPT-NeoX)
             mlp_out = self.mlp(self.mlp_norm(x) if hasattr(self, "mlp_norm") else h)
@@ -183,14 +203,18 @@ class Decoder(nn.Module):
         super().__init__()
         self.arch = arch
         self.transposed_tied_table = False  # set while exporting; see forward()
-        self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        width = arch.embed_proj_dim or arch.hidden_size
+        self.embed = nn.Embedding(arch.vocab_size, width)
+        if arch.embed_proj_dim is not None:  # OPT's word_embed_proj_dim
+            self.project_in = nn.Linear(width, arch.hidden_size, bias=False)
+            self.project_out = nn.Linear(arch.hidden_size, width, bias=False)
         if arch.position == "learned":
             self.pos_embed = nn.Embedding(arch.max_context, arch.hidden_size)
         else:
             self.reset_rope()
         self.layers = nn.ModuleList(Block(arch) for _ in range(arch.num_layers))
-        self.norm = make_norm(arch)
-        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=arch.lm_head_bias)
+        self.norm = make_norm(arch) if arch.final_norm else nn.Identity()
+        self.lm_head = nn.Linear(width, arch.vocab_size, bias=arch.lm_head_bias)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
 
@@ -220,6 +244,8 @@ class Decoder(nn.Module):
             x = self.embed(input_ids)  # B, S, C
         if self.arch.embed_scale != 1.0:
             x = x * self.arch.embed_scale
+        if self.arch.embed_proj_dim is not None:
+            x = self.project_in(x)
         if self.arch.position == "learned":
             x = x + self.pos_embed(position_ids)
         rope = self._rope_tables(position_ids)
@@ -232,6 +258,8 @@ class Decoder(nn.Module):
             x, present_k, present_v = layer(x, cos, sin, biases[self.arch.window_of(i)], past_k, past_v)
             presents.append((present_k, present_v))
         x = self.norm(x)
+        if self.arch.embed_proj_dim is not None:
+            x = self.project_out(x)
         logits = x @ table_t if table_t is not None else self.lm_head(x)  # B, S, V
         if table_t is not None and self.lm_head.bias is not None:
             logits = logits + self.lm_head.bias
@@ -247,15 +275,19 @@ class Decoder(nn.Module):
         if hasattr(self, "inv_freq_long"):  # longrope: the long factors once the sequence outgrows the original context
             original = (self.arch.rope_scaling or {})["original_max_position_embeddings"]
             inv_freq = torch.where(position_ids.max() + 1 > original, self.get_buffer("inv_freq_long"), inv_freq)
-        tables = {"global": _cos_sin(position_ids, inv_freq, attention_factor(self.arch))}
+        pairs = self.arch.rope_interleaved
+        tables = {"global": _cos_sin(position_ids, inv_freq, attention_factor(self.arch), pairs)}
         if hasattr(self, "inv_freq_local"):
-            tables["local"] = _cos_sin(position_ids, self.get_buffer("inv_freq_local"), 1.0)
+            tables["local"] = _cos_sin(position_ids, self.get_buffer("inv_freq_local"), 1.0, pairs)
         return tables
 
 
-def _cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, factor: float) -> tuple:
+def _cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, factor: float, interleaved: bool = False) -> tuple:
     angles = position_ids.unsqueeze(-1).float() * inv_freq  # B, S, D/2
-    angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)  # B, 1, S, D
+    if interleaved:  # each angle twice in a row: a0 a0 a1 a1 ...
+        angles = torch.stack([angles, angles], dim=-1).flatten(-2).unsqueeze(1)  # B, 1, S, D
+    else:
+        angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)  # B, 1, S, D
     if factor != 1.0:
         return angles.cos() * factor, angles.sin() * factor
     return angles.cos(), angles.sin()

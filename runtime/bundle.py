@@ -27,7 +27,7 @@ SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
-ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "geglu_tanh")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "geglu_tanh", "relu")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,11 @@ class Architecture:
     sub-block's output (Gemma 2/3), ``"post"`` only its output (OLMo 2). ``embed_scale`` multiplies
     the embeddings, ``residual_scale`` each sub-block's output (Granite); ``attn_scale`` replaces
     1/sqrt(head_dim); ``attn_softcap`` / ``logit_softcap`` apply ``c * tanh(x / c)`` to attention
-    scores / logits; logits are divided by ``logit_divisor``.
+    scores / logits; logits are divided by ``logit_divisor``. ``rope_interleaved`` rotates adjacent
+    feature pairs (GPT-J) instead of halves; ``norm_affine`` false: norms without weight or bias (OLMo);
+    ``final_norm`` false: none before the head; ``embed_proj_dim`` E: embeddings and head are E wide,
+    projected to/from the hidden size (OPT); ``qkv_clip`` clamps q, k, v to +-c (OLMo);
+    ``norm_placement`` ``"post_residual"`` normalises the residual sum after each sub-block (OPT-350m).
     """
 
     vocab_size: int
@@ -87,6 +91,11 @@ class Architecture:
     attn_softcap: float | None = None
     logit_softcap: float | None = None
     logit_divisor: float = 1.0
+    rope_interleaved: bool = False
+    norm_affine: bool = True
+    final_norm: bool = True
+    embed_proj_dim: int | None = None
+    qkv_clip: float | None = None
 
     def __post_init__(self) -> None:
         problems = []

@@ -50,6 +50,7 @@ class TransformersReference(torch.nn.Module):
         super().__init__()
         self.model = model
         base = getattr(model, "model", None) or getattr(model, "transformer", None) or getattr(model, "gpt_neox", None)
+        base = getattr(base, "decoder", base)  # OPT nests its layers one level deeper
         for layer in getattr(base, "layers", None) or getattr(base, "h", None) or ():  # Llama-style or GPT-2-style
             layer.register_forward_hook(_zero_non_finite)
 

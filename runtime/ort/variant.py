@@ -274,7 +274,7 @@ def _attention_node(index: GraphIndex, arch: Architecture, layer: int,
     return helper.make_node(
         "GroupQueryAttention", inputs, [attn_output, key_out, value_out], domain=MS_DOMAIN,
         name=f"/layers.{layer}/attn/GroupQueryAttention", num_heads=arch.num_heads,
-        kv_num_heads=arch.num_kv_heads, do_rotary=int(rotary), rotary_interleaved=0,
+        kv_num_heads=arch.num_kv_heads, do_rotary=int(rotary), rotary_interleaved=int(arch.rope_interleaved),
         scale=float(arch.attn_scale if arch.attn_scale is not None else arch.head_dim ** -0.5),
         # the window counts the query itself, like transformers' (checked by attach's parity run)
         local_window_size=window if window is not None else -1, **extra)

@@ -16,7 +16,7 @@ from gptedge.runtime.bundle import MODEL_NAME, Architecture, TokenizerInfo
 GENAI_CONFIG_NAME = "genai_config.json"
 # model.type values onnxruntime-genai (0.18) runs as a decoder-only pipeline over our I/O names.
 GENAI_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "gemma3_text",
-                     "granite", "phi3", "nemotron")
+                     "granite", "phi3", "nemotron", "olmo")
 
 
 def genai_config(arch: Architecture, model_type: str, context_length: int,

@@ -13,10 +13,11 @@ K kv heads, D head dim, V vocab. Parameter names are checkpoint-neutral; loaders
     norm.{weight,bias}                 lm_head.{weight,bias} [V, C]  (tied: the same tensor as embed)
     layers.{i}.attn.{q,k}_norm.weight  [D] or [H*D] / [K*D] or [H, D] / [K, D]  (qk_norm head / all / per_head)
     layers.{i}.{attn,mlp}_post_norm.weight  (norm_placement pre_post / post)
+    project_in.weight [C, E]  project_out.weight [E, C]  (embed_proj_dim E: embed [V, E], lm_head [V, E])
 
-RoPE uses HF's half-split layout (``rope_interleaved``: adjacent pairs, as Cohere's transformers code
-keeps its cache); loaders of interleaved checkpoints (llama2.c) permute q/k rows. ALiBi
-(``position="alibi"``) adds its per-head bias to the attention mask's bias.
+RoPE uses HF's half-split layout unless ``rope_interleaved`` (GPT-J, Cohere, Helium: the KV cache
+holds keys as transformers does, so it is a graph switch); llama2.c's loader permutes q/k rows
+instead. ALiBi (``position="alibi"``) adds its per-head bias to the attention mask's bias.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def make_norm(arch: Architecture, size: int | None = None) -> nn.Module:
         return RMSNorm(size, arch.norm_eps, arch.norm_offset)
     if arch.norm_offset:
         return OffsetLayerNorm(size, arch.norm_eps, arch.norm_bias, arch.norm_offset)
-    return nn.LayerNorm(size, eps=arch.norm_eps, bias=arch.norm_bias)
+    return nn.LayerNorm(size, eps=arch.norm_eps, elementwise_affine=arch.norm_affine, bias=arch.norm_bias)
 
 
 def rotate_half(x: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
@@ -111,7 +112,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
         self.scale = arch.attn_scale if arch.attn_scale is not None else 1.0 / math.sqrt(arch.head_dim)
-        self.softcap, self.qk_norm, self.interleaved = arch.attn_softcap, arch.qk_norm, arch.rope_interleaved
+        self.softcap, self.qk_norm = arch.attn_softcap, arch.qk_norm
+        self.clip, self.interleaved = arch.qkv_clip, arch.rope_interleaved
         qkv_out = (self.n_head + 2 * self.n_kv) * self.head_dim
         self.qkv = nn.Linear(arch.hidden_size, qkv_out, bias=arch.qkv_bias)
         self.out = nn.Linear(self.n_head * self.head_dim, arch.hidden_size, bias=arch.attn_out_bias)
@@ -129,7 +131,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, bias, past_k, past_v):
         B, S, _ = x.shape
         H, K, D = self.n_head, self.n_kv, self.head_dim
-        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
+        qkv = self.qkv(x)
+        if self.clip is not None:  # OLMo's clip_qkv
+            qkv = qkv.clamp(-self.clip, self.clip)
+        q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
         if self.qk_norm == "all":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.view(B, S, H, D), k.view(B, S, K, D)
@@ -179,28 +184,36 @@ class MLP(nn.Module):
         if self.activation == "relu2":
             h = F.relu(self.up(x))
             return self.down(h * h)
+        if self.activation == "relu":
+            return self.down(F.relu(self.up(x)))
         approximate = "tanh" if self.activation == "gelu_tanh" else "none"
         return self.down(F.gelu(self.up(x), approximate=approximate))
 
 
 class Block(nn.Module):
     """One layer. ``norm_placement``: ``pre`` normalises each sub-block's input, ``post`` its output,
-    ``pre_post`` both; each output is scaled by ``residual_scale`` before it joins the residual."""
+    ``pre_post`` both; each output is scaled by ``residual_scale`` before it joins the residual.
+    ``post_residual`` normalises the sum instead, ``x = norm(x + f(x))`` (OPT-350m)."""
 
     def __init__(self, arch: Architecture):
         super().__init__()
         self.residual_scale, self.parallel = arch.residual_scale, arch.parallel_residual
+        self.norm_after_add = arch.norm_placement == "post_residual"
         if arch.norm_placement != "post":
             self.attn_norm = make_norm(arch)
             if arch.parallel_residual != "shared_norm":
                 self.mlp_norm = make_norm(arch)
-        if arch.norm_placement != "pre":
+        if arch.norm_placement in ("pre_post", "post"):
             self.attn_post_norm = make_norm(arch)
             self.mlp_post_norm = make_norm(arch)
         self.attn = Attention(arch)
         self.mlp = MLP(arch)
 
     def forward(self, x, cos, sin, bias, past_k, past_v):
+        if self.norm_after_add:
+            h, present_k, present_v = self.attn(x, cos, sin, bias, past_k, past_v)
+            x = self.attn_norm(x + h)
+            return self.mlp_norm(x + self.mlp(x)), present_k, present_v
         h = self.attn_norm(x) if hasattr(self, "attn_norm") else x
         if self.parallel != "none":  # attention and MLP both read the block's input (Phi, GPT-NeoX)
             mlp_out = self.mlp(self.mlp_norm(x) if hasattr(self, "mlp_norm") else h)
@@ -228,7 +241,11 @@ class Decoder(nn.Module):
         super().__init__()
         self.arch = arch
         self.transposed_tied_table = False  # set while exporting; see forward()
-        self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        width = arch.embed_proj_dim or arch.hidden_size
+        self.embed = nn.Embedding(arch.vocab_size, width)
+        if arch.embed_proj_dim is not None:  # OPT's word_embed_proj_dim
+            self.project_in = nn.Linear(width, arch.hidden_size, bias=False)
+            self.project_out = nn.Linear(arch.hidden_size, width, bias=False)
         if arch.embed_norm:
             self.embed_norm = make_norm(arch)
         if arch.position == "learned":
@@ -236,8 +253,8 @@ class Decoder(nn.Module):
         elif arch.position == "rope":
             self.reset_rope()
         self.layers = nn.ModuleList(Block(arch) for _ in range(arch.num_layers))
-        self.norm = make_norm(arch)
-        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=arch.lm_head_bias)
+        self.norm = make_norm(arch) if arch.final_norm else nn.Identity()
+        self.lm_head = nn.Linear(width, arch.vocab_size, bias=arch.lm_head_bias)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
 
@@ -267,6 +284,8 @@ class Decoder(nn.Module):
             x = self.embed(input_ids)  # B, S, C
         if self.arch.embed_scale != 1.0:
             x = x * self.arch.embed_scale
+        if self.arch.embed_proj_dim is not None:
+            x = self.project_in(x)
         if self.arch.embed_norm:
             x = self.embed_norm(x)
         if self.arch.position == "learned":
@@ -284,6 +303,8 @@ class Decoder(nn.Module):
             x, present_k, present_v = layer(x, cos, sin, biases[self.arch.window_of(i)], past_k, past_v)
             presents.append((present_k, present_v))
         x = self.norm(x)
+        if self.arch.embed_proj_dim is not None:
+            x = self.project_out(x)
         logits = x @ table_t if table_t is not None else self.lm_head(x)  # B, S, V
         if table_t is not None and self.lm_head.bias is not None:
             logits = logits + self.lm_head.bias

@@ -116,6 +116,10 @@ def last_position_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     last.CopyFrom(model)
     graph = last.graph
     norm_nodes = [node for node in graph.node if node.name.startswith(_FINAL_NORM_SCOPE)]
+    if not norm_nodes:  # no final norm (OPT-350m): the nodes after the last layer that read its output
+        end = max(i for i, node in enumerate(graph.node) if node.name.startswith("/layers."))
+        made_by_layers = {out for node in graph.node[:end + 1] for out in node.output}
+        norm_nodes = [node for node in graph.node[end + 1:] if made_by_layers.intersection(node.input)]
     made_inside = {out for node in norm_nodes for out in node.output}
     hidden = {name for node in norm_nodes for name in node.input[:1] if name not in made_inside}
     if len(hidden) != 1:
@@ -129,7 +133,7 @@ def last_position_graph(model: onnx.ModelProto) -> onnx.ModelProto:
                                        name="/last_position/Slice")
     for node in norm_nodes:
         node.input[:] = [sliced if name == source else name for name in node.input]
-    first = next(i for i, node in enumerate(graph.node) if node.name.startswith(_FINAL_NORM_SCOPE))
+    first = min(i for i, node in enumerate(graph.node) if any(node is n for n in norm_nodes))
     graph.node.insert(first, slice_node)
     for value in graph.output:
         if value.name == contract.LOGITS:

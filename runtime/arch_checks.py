@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 QK_NORMS = ("none", "head", "all", "per_head")
-NORM_PLACEMENTS = ("pre", "pre_post", "post")
+NORM_PLACEMENTS = ("pre", "pre_post", "post", "post_residual")
 PARALLEL_RESIDUALS = ("none", "shared_norm", "two_norms")
 
 
@@ -28,7 +28,14 @@ def family_problems(arch: Any) -> list[str]:
         if layers is not None and (not isinstance(layers, list) or
                                    not all(isinstance(i, int) and 0 <= i < arch.num_layers for i in layers)):
             problems.append(f"{name}={layers!r} must list layer indices below num_layers")
-    optional = ("rope_local_theta", "attn_scale", "attn_softcap", "logit_softcap")
+    for name in ("rope_interleaved", "norm_affine", "final_norm", "alibi_scaled", "embed_norm"):
+        if not isinstance(getattr(arch, name), bool):
+            problems.append(f"{name}={getattr(arch, name)!r} must be true or false")
+    if not arch.norm_affine and arch.norm != "layernorm":
+        problems.append("norm_affine=false needs norm='layernorm'")
+    if arch.embed_proj_dim is not None and not (_whole(arch.embed_proj_dim) and arch.embed_proj_dim >= 1):
+        problems.append(f"embed_proj_dim={arch.embed_proj_dim!r} must be a positive integer or null")
+    optional = ("rope_local_theta", "attn_scale", "attn_softcap", "logit_softcap", "qkv_clip")
     for name in ("embed_scale", "residual_scale", "logit_divisor", *optional):
         value = getattr(arch, name)
         if not (value is None and name in optional) and not _positive(value):

@@ -27,7 +27,7 @@ SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope", "alibi")
-ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "geglu_tanh", "relu2")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "geglu_tanh", "relu", "relu2")
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,10 @@ class Architecture:
     adjacent feature pairs (GPT-J, Cohere) instead of the two halves. ``qk_norm="per_head"`` is a
     norm of kind ``norm`` over each head's features with a weight per head (Cohere). ``norm_offset``
     applies to LayerNorm too (Nemotron's LayerNorm1P); ``relu2`` is ``relu(x)**2`` (Nemotron).
+    ``norm_affine`` false: norms without weight or bias (OLMo); ``final_norm`` false: none before
+    the head; ``embed_proj_dim`` E: embeddings and head are E wide, projected to/from the hidden size
+    (OPT); ``qkv_clip`` clamps q, k, v to +-c (OLMo); ``norm_placement`` ``"post_residual"``
+    normalises the residual sum after each sub-block (OPT-350m).
     """
 
     vocab_size: int
@@ -98,6 +102,10 @@ class Architecture:
     alibi_scaled: bool = False
     embed_norm: bool = False
     rope_interleaved: bool = False
+    norm_affine: bool = True
+    final_norm: bool = True
+    embed_proj_dim: int | None = None
+    qkv_clip: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -116,8 +124,7 @@ class Architecture:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 problems.append(f"{name}={value!r} must be a positive number")
-        for name in ("norm_bias", "qkv_bias", "attn_out_bias", "mlp_bias", "tie_word_embeddings", "lm_head_bias",
-                     "alibi_scaled", "embed_norm", "rope_interleaved"):
+        for name in ("norm_bias", "qkv_bias", "attn_out_bias", "mlp_bias", "tie_word_embeddings", "lm_head_bias"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r} must be true or false")
         problems += family_problems(self)

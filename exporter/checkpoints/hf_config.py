@@ -14,15 +14,20 @@ from typing import Any
 from gptedge.exporter.checkpoints import (
     hf_bigcode,
     hf_bloom,
+    hf_codegen,
     hf_cohere,
     hf_falcon,
     hf_gemma,
     hf_gpt2,
+    hf_gptj,
     hf_granite,
+    hf_helium,
     hf_llama,
     hf_nemotron,
     hf_neox,
+    hf_olmo,
     hf_olmo2,
+    hf_opt,
     hf_phi,
     hf_phi3,
     hf_smollm3,
@@ -35,7 +40,8 @@ from gptedge.runtime.errors import InputError, UnsupportedModelError
 
 FAMILY_MODULES = (hf_gpt2, hf_llama, hf_gemma, hf_phi3, hf_granite, hf_olmo2, hf_smollm3, hf_starcoder2,
                   hf_bigcode, hf_phi, hf_neox, hf_stablelm,
-                  hf_falcon, hf_bloom, hf_cohere, hf_nemotron)
+                  hf_falcon, hf_bloom, hf_cohere, hf_nemotron,
+                  hf_gptj, hf_codegen, hf_opt, hf_olmo, hf_helium)
 FAMILIES: dict[str, Family] = {t: f for m in FAMILY_MODULES for f in m.FAMILIES for t in f.model_types}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # Mixture-of-experts families: a router sends each token to a few of many expert MLPs.

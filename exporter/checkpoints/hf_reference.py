@@ -107,6 +107,7 @@ class TransformersReference(torch.nn.Module):
         self.kv_repeat = (config.num_attention_heads // config.num_kv_heads
                           if getattr(config, "new_decoder_architecture", False) else 1)
         base = getattr(model, "model", None) or getattr(model, "transformer", None) or getattr(model, "gpt_neox", None)
+        base = getattr(base, "decoder", base)  # OPT nests its layers one level deeper
         for layer in getattr(base, "layers", None) or getattr(base, "h", None) or ():  # Llama-style or GPT-2-style
             layer.register_forward_hook(_zero_non_finite)
 

@@ -119,18 +119,19 @@ def search(bundle: Bundle, model: onnx.ModelProto, act_scales: dict[str, float],
     del graph
     scorer = Scorer(bundle, sess, windows_of(ids, seq_len, windows), MASK)
     n = len(order)
+    fit = scorer if judge is None else Scorer(bundle, sess, judge, MASK)
+    fit_base = judge_base if judge is not None else scorer.nll(np.zeros(n))
+    every_int8 = pct(fit.nll(np.ones(n)), fit_base)
     if judge is None:
-        base = scorer.nll(np.zeros(n))
-        sensitivity = {order[i]: pct(scorer.nll(np.eye(n)[i]), base) for i in range(n)}
+        sensitivity = {order[i]: pct(scorer.nll(np.eye(n)[i]), fit_base) for i in range(n)}
+    elif every_int8 <= budget_pct:  # mixed precision: nothing to keep, no sensitivities needed
+        sensitivity = {}
     else:  # mixed precision ranks by the KL divergence (gptedge.quantize.mixed says why)
         scorer.keep_reference(np.zeros(n))
         sensitivity = {order[i]: pct(scorer.kl(np.eye(n)[i]), 0.0) for i in range(n)}
-    ranked = sorted(range(n), key=lambda i: -sensitivity[order[i]])
-    if judge is None:
-        kept, estimate, trail = fewest_kept(ranked, n, lambda mask: pct(scorer.nll(mask), base), budget_pct)
-    else:
-        fit = Scorer(bundle, sess, judge, MASK)
-        kept, estimate, trail = fewest_kept(ranked, n, lambda mask: pct(fit.nll(mask), judge_base), budget_pct)
+    ranked = sorted(range(n), key=lambda i: -sensitivity.get(order[i], 0.0))
+    kept, estimate, trail = fewest_kept(ranked, n, lambda mask: pct(fit.nll(mask), fit_base), budget_pct,
+                                        {0: every_int8})
     log.info("int8 search: %d of %d activations kept float, %.2f %% measured", kept, n, estimate)
     return SearchResult(sensitivity_pct=sensitivity, kept_float=[order[i] for i in ranked[:kept]],
                         estimate_pct=estimate, tokens=scorer.count, trail=trail)

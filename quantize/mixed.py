@@ -111,12 +111,15 @@ def _measure(job: Job, config: MixedConfig, graph: onnx.ModelProto, order: list[
     sess = session(graph)
     graph.Clear()
     n = len(order)
+    fit = Scorer(job.bundle, sess, judge, MASK)
+    every_low = pct(fit.nll(np.ones(n)), judge_base)
+    if every_low <= config.max_ppl_increase:  # nothing to keep: the unit sensitivities are not needed
+        return {}, [], (0, every_low, {0: every_low})
     length = min(config.search_seq_len, job.bundle.manifest.architecture.max_context)
     calib = Scorer(job.bundle, sess, windows_of(ids, length, config.search_windows), MASK)
     calib.keep_reference(np.zeros(n))
     sensitivity = {order[i]: pct(calib.kl(np.eye(n)[i]), 0.0) for i in range(n)}
     ranked = sorted(range(n), key=lambda i: -sensitivity[order[i]])
-    fit = Scorer(job.bundle, sess, judge, MASK)
     return sensitivity, ranked, fewest_kept(ranked, n, lambda mask: pct(fit.nll(mask), judge_base),
                                             config.max_ppl_increase)
 

@@ -96,7 +96,7 @@ def pct(nll: float, base: float) -> float:
 
 
 def fewest_kept(ranked: list[int], n: int, increase: Callable[[np.ndarray], float],
-                budget_pct: float) -> tuple[int, float, dict[int, float]]:
+                budget_pct: float, known: dict[int, float] | None = None) -> tuple[int, float, dict[int, float]]:
     """Smallest k such that keeping ``ranked[:k]`` at the higher precision (mask 0 there, 1
     elsewhere: ``increase`` takes the low-precision mask) is within ``budget_pct``; doubling, then
     bisection (the increase shrinks as k grows, up to noise). Returns (k, its increase, every k
@@ -106,7 +106,9 @@ def fewest_kept(ranked: list[int], n: int, increase: Callable[[np.ndarray], floa
         mask[ranked[:k]] = 0.0
         return increase(mask)
 
-    results = {0: measured(0)}
+    results = dict(known or {})
+    if 0 not in results:
+        results[0] = measured(0)
     if results[0] <= budget_pct or n == 0:
         return 0, results[0], results
     low, high = 0, 1

@@ -70,6 +70,9 @@ def test_int4_keeps_the_sensitive_layer_int8_and_records_the_plan(sensitive, tmp
     kept = {k["name"] for k in plan["kept"]}
     assert {w for w, b in bits.items() if b == 8} == kept | {"lm_head.weight_t"}
     assert entry["quality"]["size_mb"] > plain.manifest.history[-1]["quality"]["size_mb"]
+    loose = quantize(bundle, MixedConfig(base, max_ppl_increase=1e3), tmp_path / "loose", calib_text=trained.calib,
+                     eval_text=trained.eval).manifest.history[-1]["mixed_plan"]
+    assert loose["kept"] == [] and loose["sensitivity_pct"] == {} and list(loose["trail"]) == ["0"]  # all int4 fits
 
 
 def test_int4_qdq_cli_prints_the_plan_and_stays_standard(sensitive, tmp_path, capsys):

@@ -6,8 +6,15 @@ numpy only (never torch).
 """
 
 from gptedge.quantize.api import quantize
-from gptedge.quantize.config import Fp16Config, Int4Config, Int8Config, Int8DynamicConfig, PruneConfig
+from gptedge.quantize.config import (
+           Fp16Config,
+           Int4Config,
+           Int8Config,
+           Int8DynamicConfig,
+           MixedConfig,
+           PruneConfig,
+)
 from gptedge.quantize.evaluate import PerplexityResult, perplexity
 
-__all__ = ["Fp16Config", "Int4Config", "Int8Config", "Int8DynamicConfig", "PerplexityResult", "PruneConfig",
+__all__ = ["Fp16Config", "Int4Config", "Int8Config", "Int8DynamicConfig", "MixedConfig", "PerplexityResult", "PruneConfig",
            "perplexity", "quantize"]

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from gptedge.quantize.config import QuantConfig, config_record
+from gptedge.quantize.config import MixedConfig, QuantConfig, config_record
 from gptedge.quantize.evaluate import greedy_tokens, perplexity_of_ids
 from gptedge.quantize.graph_io import EXTERNAL_DATA_NAME, load_graphs, save_graphs_shared
 from gptedge.quantize.graph_utils import untie_linear_weights
@@ -51,7 +51,11 @@ def quantize(bundle_dir: str | os.PathLike[str], config: QuantConfig, out_dir: s
                          "default quality budget")
     if budget is not None and budget < 0:
         raise InputError(f"--max-ppl-increase {budget}: must be >= 0 (percent)")
-    job = Job(bundle=source, graphs=load_graphs(source), calib_ids=calib_ids)
+    if isinstance(config, MixedConfig) and calib_ids is None:
+        raise InputError(f"--max-ppl-increase {config.max_ppl_increase:g} with --mode {config.base.mode}: the "
+                         "mixed-precision plan measures layers on calibration text and fits the budget on "
+                         "evaluation text; pass --calib FILE (and --eval FILE, else the last 10 % of --calib is held out)")
+    job = Job(bundle=source, graphs=load_graphs(source), calib_ids=calib_ids, eval_ids=eval_ids)
     if config.mode != "fp16":  # fp16 may keep one shared table; quantizers/pruners rewrite weights
         for graph in job.graphs.values():
             untie_linear_weights(graph)
@@ -64,7 +68,9 @@ def quantize(bundle_dir: str | os.PathLike[str], config: QuantConfig, out_dir: s
         if eval_ids is None:
             log.warning("no --eval or --calib text: the quality gate is skipped for %s", out_dir)
         else:
-            entry["quality"] = measure(source, writer.bundle(), eval_ids, budget)
+            window = (min(config.eval_window, source.manifest.architecture.max_context)
+                      if isinstance(config, MixedConfig) else None)
+            entry["quality"] = measure(source, writer.bundle(), eval_ids, budget, window)
             _gate(entry["quality"])
     return load_bundle(out_dir)
 
@@ -117,9 +123,12 @@ def _write(source: Bundle, job: Job, writer: BundleWriter) -> Manifest:
     return manifest
 
 
-def measure(source: Bundle, output: Bundle, ids: np.ndarray, budget: float | None) -> dict[str, Any]:
-    """Perplexity, size and greedy decode speed of source and output on ``ids``."""
-    before, after = perplexity_of_ids(source, ids), perplexity_of_ids(output, ids)
+def measure(source: Bundle, output: Bundle, ids: np.ndarray, budget: float | None,
+            window: int | None = None) -> dict[str, Any]:
+    """Perplexity, size and greedy decode speed of source and output on ``ids`` (``window``: disjoint
+    windows of that many tokens, each scored from its own start; None: the evaluator's default)."""
+    before = perplexity_of_ids(source, ids, window=window, stride=window)
+    after = perplexity_of_ids(output, ids, window=window, stride=window)
     prompt = ids[: min(8, len(ids))]
     src_tokens, src_speed = greedy_tokens(source, prompt, DECODE_STEPS)
     out_tokens, out_speed = greedy_tokens(output, prompt, DECODE_STEPS)

@@ -221,7 +221,46 @@ class PruneConfig:
         return self.method == "wanda" or isinstance(self.then, Int8Config)
 
 
-QuantConfig = PrecisionConfig | PruneConfig
+@dataclass(frozen=True)
+class MixedConfig:
+    """Budget-driven mixed precision over ``base`` (:mod:`gptedge.quantize.mixed`).
+
+    Each unit's sensitivity (``Int4Config``: every linear layer but the LM head; ``Int8Config``:
+    every linear input) is the KL divergence of the next-token distributions, on ``search_windows``
+    calibration windows of ``search_seq_len`` tokens, when that unit alone is at the low precision
+    (as the perplexity increase it predicts). The most sensitive
+    stay at the higher one (int4 -> int8 weights, int4-qdq -> float16 weights; int8 static -> float
+    activations, int8 weights)
+    until the increase measured on the evaluation text, in windows of ``eval_window`` tokens each
+    scored from its own start, is at most ``max_ppl_increase`` percent. Needs calibration text.
+    """
+
+    base: Int4Config | Int8Config
+    max_ppl_increase: float
+    search_windows: int = 2
+    search_seq_len: int = 256
+    eval_window: int = 256
+    mode: ClassVar[str] = "mixed"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.base, Int4Config | Int8Config):
+            problems.append(f"base={self.base!r} must be Int4Config or Int8Config")
+        if not isinstance(self.max_ppl_increase, int | float) or not self.max_ppl_increase >= 0:
+            problems.append(f"max_ppl_increase={self.max_ppl_increase!r} must be >= 0 (percent)")
+        for name in ("search_windows", "search_seq_len", "eval_window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (1 if name == "search_windows" else 2):
+                problems.append(f"{name}={value!r} must be a positive integer (sequence lengths >= 2)")
+        _fail(problems, "MixedConfig")
+
+    @property
+    def default_budget(self) -> float:
+        """The quality gate's budget is the plan's own."""
+        return float(self.max_ppl_increase)
+
+
+QuantConfig = PrecisionConfig | PruneConfig | MixedConfig
 
 
 def config_record(config: QuantConfig) -> dict[str, Any]:
@@ -229,4 +268,6 @@ def config_record(config: QuantConfig) -> dict[str, Any]:
     data = asdict(config)
     if isinstance(config, PruneConfig) and config.then is not None:
         data["then"] = config_record(config.then)
+    if isinstance(config, MixedConfig):
+        data["base"] = config_record(config.base)
     return {"mode": config.mode, "type": type(config).__name__, **data}

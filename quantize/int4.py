@@ -12,13 +12,15 @@ weight-only. It needs a TensorRT whose parser reads opset 21 and documents block
 
 from __future__ import annotations
 
+from typing import Any
+
 import onnx
 
 from gptedge.quantize.config import Int4Config
 from gptedge.quantize.graph_utils import initializers, linear_layers, set_opset
 from gptedge.quantize.job import Job
 from gptedge.quantize.registry import handler
-from gptedge.quantize.weight_only import Plan, quantize_weights
+from gptedge.quantize.weight_only import Plan, Prepared, quantize_weights
 
 TENSORRT_MIN_VERSION = "10.x"  # key of gptedge.runtime.trt.support.SUPPORT: newer than 10.3, block_quant
 QDQ_OPSET = 21  # DequantizeLinear with int4 and block_size
@@ -26,17 +28,27 @@ QDQ_OPSET = 21  # DequantizeLinear with int4 and block_size
 
 @handler(Int4Config)
 def to_int4(job: Job, config: Int4Config) -> None:
+    apply_int4(job, config, int4_plan(job, config))
+
+
+def int4_plan(job: Job, config: Int4Config) -> Plan:
+    """The weight-only plan of ``config`` for ``job``'s graphs (a ``qdq`` format raises their opset)."""
     job.require_source_precision("int4")
-    job.record["layers_quantized"] = [lin.weight for lin in linear_layers(job.graphs["model"])]
     block = fitted_block(job.graphs["model"], config.block_size)
     if config.format == "qdq":
         for model in job.graphs.values():
             set_opset(model, QDQ_OPSET)
-    plan = Plan(bits=4, block=block, form=config.format, accuracy_level=config.accuracy_level,
+    return Plan(bits=4, block=block, form=config.format, accuracy_level=config.accuracy_level,
                 algorithm=config.algorithm, calib_windows=config.calib_windows,
                 integer_zero=config.zero_points == "integer")
-    job.record.update(quantize_weights(job, plan))
-    job.precision.update(weights="int4", weight_block_size=block, weight_zero_points=True, lm_head="int8")
+
+
+def apply_int4(job: Job, config: Int4Config, plan: Plan, prepared: Prepared | None = None,
+               high: dict[str, Any] | None = None) -> None:
+    """Write ``plan`` into ``job``'s graphs (``prepared``/``high``: see ``quantize_weights``)."""
+    job.record["layers_quantized"] = [lin.weight for lin in linear_layers(job.graphs["model"])]
+    job.record.update(quantize_weights(job, plan, prepared, high))
+    job.precision.update(weights="int4", weight_block_size=plan.block, weight_zero_points=True, lm_head="int8")
     if config.format == "matmulnbits":
         job.precision.update(cpu_only=True, accuracy_level=config.accuracy_level)
         job.record["accuracy_level"] = config.accuracy_level

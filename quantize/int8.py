@@ -36,6 +36,13 @@ QMAX = 127
 
 @handler(Int8Config)
 def to_int8(job: Job, config: Int8Config) -> None:
+    apply_int8(job, config)
+
+
+def apply_int8(job: Job, config: Int8Config, judge: np.ndarray | None = None, budget_pct: float = 0.0) -> None:
+    """Static int8 of ``job``. ``judge`` [W, L]: evaluation windows on which the linear inputs kept
+    float are chosen so the increase over the source is at most ``budget_pct`` (mixed precision);
+    None: chosen on calibration windows by ``config.float_search_budget``."""
     job.require_source_precision("int8")
     ids = job.require_calibration("int8 (static)")
     require_tokens(ids, calibration_span(job.bundle, config.calib_seq_len, config.calib_decode_steps), "--calib")
@@ -48,8 +55,9 @@ def to_int8(job: Job, config: Int8Config) -> None:
     scales: dict[str, float | None] = {
         w: max(s.threshold(config.calib_method, config.percentile), 1e-8) / QMAX for w, s in stats.items()}
     tokens = int(sum(s.tokens for s in stats.values()) // max(len(stats), 1))
-    if config.float_search_budget is not None:
-        scales = _keep_float(job, config, ids, stats, scales)
+    if config.float_search_budget is not None or judge is not None:
+        budget = budget_pct if judge is not None else config.float_search_budget or 0.0
+        scales = _keep_float(job, config, ids, stats, scales, judge, budget)
     del stats
     for model in job.graphs.values():
         insert_qdq(model, scales)
@@ -63,12 +71,14 @@ def to_int8(job: Job, config: Int8Config) -> None:
 
 
 def _keep_float(job: Job, config: Int8Config, ids: np.ndarray, stats: dict[str, ActivationStats],
-                scales: dict[str, float | None]) -> dict[str, float | None]:
+                scales: dict[str, float | None], judge: np.ndarray | None, budget: float) -> dict[str, float | None]:
     """Measure which linear inputs stay float (int8_search) and record why in the manifest."""
     found = search(job.bundle, job.graphs["model"], {w: s for w, s in scales.items() if s is not None}, ids,
-                   config.float_search_budget or 0.0, config.search_windows, config.search_seq_len)
+                   budget, config.search_windows, config.search_seq_len, judge)
     job.record["int8_search"] = {
-        "tokens": found.tokens, "budget_pct": config.float_search_budget, "estimate_pct": round(found.estimate_pct, 3),
+        "tokens": found.tokens, "budget_pct": budget, "estimate_pct": round(found.estimate_pct, 3),
+        "fitted_on": "calibration windows" if judge is None else f"evaluation windows ({judge.shape[0]} x {judge.shape[1]})",
+        "trail": {str(k): round(v, 3) for k, v in sorted((found.trail or {}).items())},
         "kept_float": [{"weight": w, "sensitivity_pct": round(found.sensitivity_pct[w], 3),
                         "amax": round(stats[w].amax, 3), "amax_over_rms": round(stats[w].amax_over_rms, 1)}
                        for w in found.kept_float]}

@@ -17,16 +17,15 @@ budget. The result is recorded in the manifest.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from gptedge.quantize.evaluate import empty_feeds
 from gptedge.quantize.graph_io import session
 from gptedge.quantize.graph_utils import linear_layers
+from gptedge.quantize.switch import Scorer, fewest_kept, pct, source_nll, windows_of
 from gptedge.runtime import contract
 from gptedge.runtime.bundle import Bundle
 from gptedge.runtime.graph import sort_graph
@@ -47,6 +46,7 @@ class SearchResult:
     kept_float: list[str]
     estimate_pct: float
     tokens: int
+    trail: dict[int, float] | None = None  # activations kept float -> measured increase, each k tried
 
 
 def fake_weight(weight: np.ndarray) -> np.ndarray:
@@ -104,71 +104,34 @@ def _switch(x: str, scale: float, slot: int) -> list[onnx.NodeProto]:
             helper.make_node("Add", [x, f"{base}/scaled"], [base])]
 
 
-class _Scorer:
-    """Mean next-token NLL of fixed calibration windows under a given mask."""
-
-    def __init__(self, bundle: Bundle, model: onnx.ModelProto, tokens: np.ndarray) -> None:
-        self.sess = session(model)
-        batch, length = tokens.shape
-        self.feeds = {contract.INPUT_IDS: tokens, contract.ATTENTION_MASK: np.ones_like(tokens),
-                      contract.POSITION_IDS: np.tile(np.arange(length, dtype=np.int64), (batch, 1)),
-                      **empty_feeds(bundle, self.sess, batch)}
-        self.targets = tokens[:, 1:]
-
-    def nll(self, mask: np.ndarray) -> float:
-        (logits,) = self.sess.run([contract.LOGITS], {**self.feeds, MASK: mask.astype(np.float32)})
-        x = logits[:, :-1].astype(np.float64)
-        x -= x.max(axis=-1, keepdims=True)
-        logp = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-        picked = np.take_along_axis(logp, self.targets[..., None], axis=-1)
-        return float(-picked.mean())
-
-
 def search(bundle: Bundle, model: onnx.ModelProto, act_scales: dict[str, float], ids: np.ndarray,
-           budget_pct: float, windows: int, seq_len: int) -> SearchResult:
+           budget_pct: float, windows: int, seq_len: int, judge: np.ndarray | None = None) -> SearchResult:
     """Measure every activation's sensitivity on ``windows`` windows of ``seq_len`` calibration
-    tokens and pick the fewest most sensitive to keep float so the rest stay within ``budget_pct``."""
+    tokens and pick the fewest most sensitive to keep float so the rest stay within ``budget_pct``.
+
+    ``judge`` [W, L]: evaluation windows on which the kept set is fitted instead, as the increase
+    over the float source bundle (mixed precision); None: fitted on the calibration windows, as
+    the increase over the int8-weight, float-activation graph."""
+    judge_base = source_nll(bundle, judge) if judge is not None else 0.0  # before the search session exists
     graph, order = search_graph(model, act_scales)
     seq_len = min(seq_len, len(ids), bundle.manifest.architecture.max_context)
-    starts = np.linspace(0, len(ids) - seq_len, num=windows).astype(np.int64)
-    scorer = _Scorer(bundle, graph, np.stack([ids[s:s + seq_len] for s in starts]))
+    sess = session(graph)
     del graph
+    scorer = Scorer(bundle, sess, windows_of(ids, seq_len, windows), MASK)
     n = len(order)
-    base = scorer.nll(np.zeros(n))
-
-    def increase(mask: np.ndarray) -> float:
-        return 100.0 * math.expm1(scorer.nll(mask) - base)
-
-    sensitivity = {order[i]: increase(np.eye(n)[i]) for i in range(n)}
-    ranked = sorted(range(n), key=lambda i: -sensitivity[order[i]])
-    kept, estimate = _fewest_float(ranked, n, increase, budget_pct)
-    log.info("int8 search: %d of %d activations kept float, %.2f %% estimated", kept, n, estimate)
+    fit = scorer if judge is None else Scorer(bundle, sess, judge, MASK)
+    fit_base = judge_base if judge is not None else scorer.nll(np.zeros(n))
+    every_int8 = pct(fit.nll(np.ones(n)), fit_base)
+    if judge is None:
+        sensitivity = {order[i]: pct(scorer.nll(np.eye(n)[i]), fit_base) for i in range(n)}
+    elif every_int8 <= budget_pct:  # mixed precision: nothing to keep, no sensitivities needed
+        sensitivity = {}
+    else:  # mixed precision ranks by the KL divergence (gptedge.quantize.mixed says why)
+        scorer.keep_reference(np.zeros(n))
+        sensitivity = {order[i]: pct(scorer.kl(np.eye(n)[i]), 0.0) for i in range(n)}
+    ranked = sorted(range(n), key=lambda i: -sensitivity.get(order[i], 0.0))
+    kept, estimate, trail = fewest_kept(ranked, n, lambda mask: pct(fit.nll(mask), fit_base), budget_pct,
+                                        {0: every_int8})
+    log.info("int8 search: %d of %d activations kept float, %.2f %% measured", kept, n, estimate)
     return SearchResult(sensitivity_pct=sensitivity, kept_float=[order[i] for i in ranked[:kept]],
-                        estimate_pct=estimate, tokens=int(scorer.targets.size))
-
-
-def _fewest_float(ranked: list[int], n: int, increase, budget_pct: float) -> tuple[int, float]:
-    """Smallest k such that keeping ``ranked[:k]`` float is within budget (doubling, then bisection;
-    the increase shrinks as k grows, up to noise)."""
-    def measured(k: int) -> float:
-        mask = np.ones(n)
-        mask[ranked[:k]] = 0.0
-        return increase(mask)
-
-    results = {0: measured(0)}
-    if results[0] <= budget_pct:
-        return 0, results[0]
-    low, high = 0, 1
-    while high < n:
-        results[high] = measured(high)
-        if results[high] <= budget_pct:
-            break
-        low, high = high, min(n, high * 2)
-    if high >= n:
-        high = n
-        results[n] = measured(n) if n not in results else results[n]
-    while high - low > 1:
-        mid = (low + high) // 2
-        results[mid] = measured(mid)
-        low, high = (low, mid) if results[mid] <= budget_pct else (mid, high)
-    return high, results[high]
+                        estimate_pct=estimate, tokens=scorer.count, trail=trail)

@@ -15,12 +15,14 @@ from gptedge.runtime.errors import InputError
 @dataclass
 class Job:
     """``graphs``: role (``model``, ``model_last``) -> graph, modified in place by handlers.
-    ``calib_ids``: calibration token ids or None. ``record``: facts the handler adds to the
+    ``calib_ids``: calibration token ids or None; ``eval_ids``: the quality gate's token ids or None
+    (mixed precision fits its plan on them). ``record``: facts the handler adds to the
     manifest history entry (block size, calibration method, layers quantized...)."""
 
     bundle: Bundle
     graphs: dict[str, onnx.ModelProto]
     calib_ids: np.ndarray | None = None
+    eval_ids: np.ndarray | None = None
     architecture: Architecture | None = None
     precision: dict[str, Any] = field(default_factory=dict)
     io: dict[str, Any] = field(default_factory=dict)

@@ -22,9 +22,9 @@ def handler(config_type: type) -> Callable[[F], F]:
 
 def handler_for(config: object) -> Callable[..., Any]:
     """The registered handler of ``type(config)`` (imports the mode modules on first use)."""
-    from gptedge.quantize import fp16, int4, int8, int8_dynamic, prune  # noqa: F401  (they register)
+    from gptedge.quantize import fp16, int4, int8, int8_dynamic, mixed, prune  # noqa: F401  (they register)
     try:
         return _HANDLERS[type(config)]
     except KeyError:
         raise InputError(f"{type(config).__name__} is not a quantization config; use Fp16Config, "
-                         "Int8DynamicConfig, Int8Config, Int4Config or PruneConfig") from None
+                         "Int8DynamicConfig, Int8Config, Int4Config, MixedConfig or PruneConfig") from None

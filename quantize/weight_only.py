@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from gptedge.quantize.act_stats import input_mean_squares
-from gptedge.quantize.block_writers import replace_with_blocked_dq, replace_with_matmulnbits
+from gptedge.quantize.block_writers import replace_with_blocked_dq, replace_with_matmulnbits, write_high
 from gptedge.quantize.blockquant import Blocks, quantize_blocks
 from gptedge.quantize.graph_utils import get_array, linear_layers, remove_initializers
 from gptedge.quantize.job import Job
@@ -50,8 +50,18 @@ class Plan:
     integer_zero: bool = False  # uint zero points inside MatMulNBits (always at 8 bits) instead of the offset path
 
 
-def quantize_weights(job: Job, plan: Plan) -> dict[str, Any]:
-    """Quantize every linear layer of ``job``'s graphs in place; returns the manifest record."""
+@dataclass
+class Prepared:
+    """A plan's weights before writing: ``blocks`` (linear weight -> its blocks, the LM head
+    excepted), the per-input-channel ``importance`` and the ``algorithm`` that made them."""
+
+    algorithm: str
+    importance: dict[str, np.ndarray]
+    blocks: dict[str, Blocks]
+
+
+def prepare(job: Job, plan: Plan) -> Prepared:
+    """Quantize every linear weight of ``job``'s model but the LM head (nothing written yet)."""
     model = job.graphs["model"]
     layers = linear_layers(model)
     head = head_of(model, layers)
@@ -68,7 +78,21 @@ def quantize_weights(job: Job, plan: Plan) -> dict[str, Any]:
         weight = get_array(model, lin.weight).astype(np.float32)
         done[lin.weight] = quantize_blocks(weight, plan.block, plan.bits, importance.get(lin.weight),
                                            search=algorithm != "rtn", integer_zero=_integer(plan))
-    tied = _write(job, plan, done, head, importance)
+    return Prepared(algorithm, importance, done)
+
+
+def quantize_weights(job: Job, plan: Plan, prepared: Prepared | None = None,
+                     high: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Quantize every linear layer of ``job``'s graphs in place; returns the manifest record.
+
+    ``prepared``: the result of :func:`prepare` (computed here when None); ``high``: weight name ->
+    its higher-precision form (:func:`~gptedge.quantize.block_writers.write_high`), written instead
+    of the plan's bits (mixed precision)."""
+    model = job.graphs["model"]
+    head = head_of(model, linear_layers(model))
+    prepared = prepared or prepare(job, plan)
+    algorithm, importance = prepared.algorithm, prepared.importance
+    tied = _write(job, plan, prepared.blocks, head, importance, high or {})
     record: dict[str, Any] = {"algorithm": algorithm, "bits": plan.bits,
                               "zero_points": "integer" if _integer(plan) else "float (offset path)",
                               "block_size": plan.block, "format": plan.form}
@@ -95,7 +119,7 @@ def _algorithm(job: Job, plan: Plan) -> str:
     return "activation-mse"
 
 
-def _write(job: Job, plan: Plan, done: dict[str, Blocks], head, importance) -> bool:
+def _write(job: Job, plan: Plan, done: dict[str, Blocks], head, importance, high: dict[str, Any]) -> bool:
     head_table: Any = None
     tied = False
     for role, model in job.graphs.items():
@@ -104,22 +128,26 @@ def _write(job: Job, plan: Plan, done: dict[str, Blocks], head, importance) -> b
                 continue
             if lin.weight not in done:
                 raise BundleError(f"{role}: linear layer {lin.weight} is not in model.onnx; re-export the bundle")
-            if plan.form == "matmulnbits":
+            if lin.weight in high:
+                write_high(model, lin, high[lin.weight])
+            elif plan.form == "matmulnbits":
                 replace_with_matmulnbits(model, lin, done[lin.weight], plan.accuracy_level,
                                          integer_zero=_integer(plan))
             else:
                 replace_with_blocked_dq(model, lin, done[lin.weight])
         if head is not None:
-            head_table, found = _head(model, plan, head, head_table, importance)
+            head_table, found = write_head(model, plan, head, head_table, importance)
             tied = tied or found
-        _drop_unused(model)
+        drop_unused(model)
         left = [lin.weight for lin in linear_layers(model)]
         if left:
             raise BundleError(f"int{plan.bits} left linear layers in float: {left}; report this with the bundle")
     return tied
 
 
-def _head(model: onnx.ModelProto, plan: Plan, head, table, importance):
+def write_head(model: onnx.ModelProto, plan: Plan, head, table, importance):
+    """The LM head (and a tied lookup with it) in 8 bits; ``table``: its blocks from an earlier
+    graph of the bundle or None. Returns (table, whether a tied lookup was found)."""
     current = next((lin for lin in linear_layers(model) if lin.weight == head.weight), None)
     if current is None:  # a graph without the head (never in a gptedge bundle)
         return table, False
@@ -134,6 +162,7 @@ def _head(model: onnx.ModelProto, plan: Plan, head, table, importance):
     return table, has_untied
 
 
-def _drop_unused(model: onnx.ModelProto) -> None:
+def drop_unused(model: onnx.ModelProto) -> None:
+    """Remove the initializers no node reads."""
     used = {name for node in model.graph.node for name in node.input}
     remove_initializers(model, {init.name for init in model.graph.initializer if init.name not in used})

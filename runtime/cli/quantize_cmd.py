@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 MODES = ("fp16", "int8-dynamic", "int8", "int4", "int4-qdq", "prune")
+MIXED_MODES = ("int4", "int4-qdq", "int8")  # --max-ppl-increase plans mixed precision for these
 
 
 def register(subparsers) -> None:
@@ -28,7 +29,9 @@ def register(subparsers) -> None:
                    help="precision applied after pruning")
     p.add_argument("--eval", type=Path, help="text file for the quality gate")
     p.add_argument("--max-ppl-increase", type=float, metavar="PCT",
-                   help="allowed perplexity increase in %% (default: fp16 0.5, int8 2, int4 6; prune: required)")
+                   help="allowed perplexity increase in %% (default: fp16 0.5, int8 2, int4 6; prune: required). "
+                        "With int4, int4-qdq and int8 it plans mixed precision: the fewest, most sensitive layers "
+                        "(measured on --calib) stay int8 (int4) / float (int8) until --eval fits the budget")
     p.add_argument("--max-tokens", type=int, help="evaluate on the first N tokens only")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=run)
@@ -52,19 +55,24 @@ def precision_config(mode: str, args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from gptedge.quantize import PruneConfig, quantize
+    from gptedge.quantize import MixedConfig, PruneConfig, quantize
 
     if args.mode == "prune":
         then = precision_config(args.then, args) if args.then else None
         config = PruneConfig(method=args.prune_method, sparsity=args.sparsity, then=then)
     else:
         config = precision_config(args.mode, args)
+        if args.max_ppl_increase is not None and args.mode in MIXED_MODES:
+            config = MixedConfig(base=config, max_ppl_increase=args.max_ppl_increase)
     console = Console()
     with console.status(f"{args.mode}: {args.bundle} -> {args.output} ..."):
         bundle = quantize(args.bundle, config, args.output, calib_text=args.calib, eval_text=args.eval,
                           max_ppl_increase=args.max_ppl_increase, max_tokens=args.max_tokens,
                           overwrite=args.overwrite)
-    quality = bundle.manifest.history[-1].get("quality")
+    entry = bundle.manifest.history[-1]
+    quality = entry.get("quality")
+    if "mixed_plan" in entry:
+        console.print(plan_table(entry["mixed_plan"], quality, args.mode))
     if quality:
         console.print(quality_table(quality, args.mode))
     else:
@@ -85,4 +93,24 @@ def quality_table(quality: dict, mode: str):
                   f"{quality['decode_tok_s_source']:.0f}")
     table.add_row(mode, f"{quality['size_mb']:.2f}", f"{quality['ppl']:.4f}", f"{quality['ppl_increase_pct']:+.3f}",
                   f"{quality['decode_tok_s']:.0f}")
+    return table
+
+
+def plan_table(plan: dict, quality: dict | None, mode: str):
+    """The mixed-precision plan: each kept unit with its sensitivity, then the bundle's size and the
+    increase measured by the plan and by the quality gate."""
+    from rich.table import Table
+
+    kept = plan["kept"]
+    table = Table(title=f"{mode} mixed precision: {len(kept)} of {plan['units']} {plan['unit']}s kept as "
+                        f"{plan['kept_as']} (budget +{plan['budget_pct']:g} %)")
+    table.add_column("kept")
+    table.add_column("alone at low precision: delta %", justify="right")
+    for entry in kept:
+        table.add_row(entry["name"], f"{entry['sensitivity_pct']:+.3f}")
+    windows = "x".join(str(v) for v in plan["eval_windows"])
+    table.add_row(f"plan, measured on {windows} eval tokens", f"{plan['measured_pct']:+.3f}", end_section=True)
+    if quality:
+        table.add_row(f"bundle: {quality['size_mb']:.2f} MB (source {quality['size_mb_source']:.2f}), gate",
+                      f"{quality['ppl_increase_pct']:+.3f}")
     return table

@@ -88,13 +88,45 @@ def tiny_folder(path: Path, model_type: str, **overrides) -> Path:
 
 
 
+# test_hf_families_more.py's cases: GPT-J, CodeGen, OPT, OLMo, Helium
+MORE_CASES: dict[str, tuple[str, dict, bool]] = {
+    "gptj-interleaved-partial": ("gptj", dict(rotary_dim=8), False),
+    # 8 heads: two per mp_num block, so the block layout of the fused qkv_proj is exercised
+    "codegen-mp4-qkv": ("codegen", dict(num_attention_heads=8, head_dim=8, rotary_dim=4), False),
+    # without biases: with them, this random post-LN model greedy-decodes one repeated token
+    "opt-350m-post-norm-project-nobias": ("opt", dict(do_layer_norm_before=False, word_embed_proj_dim=32, ffn_dim=96,
+                                                      enable_bias=False, tie_word_embeddings=True), True),
+    "opt-125m-pre-norm": ("opt", dict(ffn_dim=96, tie_word_embeddings=True), True),
+    "olmo-clip-qkv": ("olmo", dict(clip_qkv=0.5), True),
+    "helium-interleaved-gqa": ("helium", dict(attention_bias=True, mlp_bias=True), True),
+}
+
+FALCON = dict(head_dim=OMIT, ffn_hidden_size=96)
+# test_hf_families_alibi.py's cases: Falcon, BLOOM, Cohere, Nemotron
+ALIBI_CASES: dict[str, tuple[str, dict, bool]] = {
+    "falcon-mqa-parallel-rope": ("falcon", dict(FALCON, multi_query=True, parallel_attn=True, bias=False), True),
+    "falcon-mha-sequential-alibi-bias": ("falcon", dict(FALCON, multi_query=False, parallel_attn=False, alibi=True,
+                                                        bias=True), False),
+    "falcon-new-arch-gqa-rope": ("falcon", dict(FALCON, new_decoder_architecture=True, num_kv_heads=2, bias=True),
+                                 True),
+    "falcon-new-arch-gqa-alibi": ("falcon", dict(FALCON, new_decoder_architecture=True, num_kv_heads=2, alibi=True,
+                                                 num_ln_in_parallel_attn=1), False),
+    # 6 heads: ALiBi's slopes for a head count that is not a power of two; 96 wide: at 64 wide the
+    # random model greedy-decodes one repeated token
+    "bloom-alibi-6-heads": ("bloom", dict(seq_length=64, hidden_size=96, num_attention_heads=6), False),
+    "cohere-qk-norm": ("cohere", dict(use_qk_norm=True, logit_scale=0.25, attention_bias=True), False),
+    "cohere-interleaved": ("cohere", dict(logit_scale=0.5), True),
+    "nemotron-relu2-partial": ("nemotron", dict(partial_rotary_factor=0.5), False),
+}
+
+
 _BUNDLES: dict[str, tuple[Path, Path]] = {}
 
 
 def family_bundle(name: str, tmp_path_factory) -> tuple[Path, Path]:
     """(HF folder, bundle) of case ``name``, exported once per session (both graph variants)."""
     if name not in _BUNDLES:
-        model_type, overrides, _ = CASES[name]
+        model_type, overrides, _ = {**CASES, **MORE_CASES, **ALIBI_CASES}[name]
         root = tmp_path_factory.mktemp(name)
         folder = tiny_folder(root / "hf", model_type, **overrides)
         export(folder, ExportConfig(last_logits_variant=True), root / "bundle")

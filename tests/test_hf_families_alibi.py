@@ -7,10 +7,9 @@ transformers' ``generate``, batch (left-padded) == single, TRT 10.3 lint, and wh
 from __future__ import annotations
 
 import pytest
-from hf_family_models import NEW_TOKENS, OMIT, PROMPT, tiny_folder
+from hf_family_models import ALIBI_CASES, NEW_TOKENS, PROMPT, family_bundle
 from test_hf_families import _hf_greedy
 
-from gptedge.exporter import ExportConfig, export
 from gptedge.runtime.bundle import load_bundle
 from gptedge.runtime.generate import load
 from gptedge.runtime.ort.variant import unsupported
@@ -19,32 +18,12 @@ from gptedge.runtime.trt.lint import lint_bundle
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow  # one export per case
 
-FALCON = dict(head_dim=OMIT, ffn_hidden_size=96)
-# case -> (model_type, config keywords, whether model_ort.onnx is expected)
-CASES: dict[str, tuple[str, dict, bool]] = {
-    "falcon-mqa-parallel-rope": ("falcon", dict(FALCON, multi_query=True, parallel_attn=True, bias=False), True),
-    "falcon-mha-sequential-alibi-bias": ("falcon", dict(FALCON, multi_query=False, parallel_attn=False, alibi=True,
-                                                        bias=True), False),
-    "falcon-new-arch-gqa-rope": ("falcon", dict(FALCON, new_decoder_architecture=True, num_kv_heads=2, bias=True),
-                                 True),
-    "falcon-new-arch-gqa-alibi": ("falcon", dict(FALCON, new_decoder_architecture=True, num_kv_heads=2, alibi=True,
-                                                 num_ln_in_parallel_attn=1), False),
-    # 6 heads: ALiBi's slopes for a head count that is not a power of two; 96 wide: at 64 wide the
-    # random model greedy-decodes one repeated token
-    "bloom-alibi-6-heads": ("bloom", dict(seq_length=64, hidden_size=96, num_attention_heads=6), False),
-    "cohere-qk-norm": ("cohere", dict(use_qk_norm=True, logit_scale=0.25, attention_bias=True), False),
-    "cohere-interleaved": ("cohere", dict(logit_scale=0.5), True),
-    "nemotron-relu2-partial": ("nemotron", dict(partial_rotary_factor=0.5), False),
-}
+CASES = ALIBI_CASES
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
-    model_type, overrides, _ = CASES[request.param]
-    root = tmp_path_factory.mktemp(request.param)
-    folder = tiny_folder(root / "hf", model_type, **overrides)
-    export(folder, ExportConfig(last_logits_variant=True), root / "bundle")
-    return request.param, folder, root / "bundle"
+    return (request.param, *family_bundle(request.param, tmp_path_factory))
 
 
 def test_export_matches_transformers_and_lints_for_trt(case):

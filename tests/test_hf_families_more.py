@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_hf_families import NEW_TOKENS, PROMPT, _hf_greedy, tiny_folder
+from hf_family_models import MORE_CASES, NEW_TOKENS, PROMPT, family_bundle
+from test_hf_families import _hf_greedy
 
-from gptedge.exporter import ExportConfig, export
 from gptedge.exporter.checkpoints.hf_config import architecture_from_config
 from gptedge.runtime.bundle import load_bundle
 from gptedge.runtime.generate import load
@@ -20,27 +20,12 @@ from gptedge.runtime.trt.lint import lint_bundle
 
 pytest.importorskip("transformers")
 
-# case -> (model_type, config keywords, whether model_ort.onnx is expected)
-CASES: dict[str, tuple[str, dict, bool]] = {
-    "gptj-interleaved-partial": ("gptj", dict(rotary_dim=8), False),
-    # 8 heads: two per mp_num block, so the block layout of the fused qkv_proj is exercised
-    "codegen-mp4-qkv": ("codegen", dict(num_attention_heads=8, head_dim=8, rotary_dim=4), False),
-    # without biases: with them, this random post-LN model greedy-decodes one repeated token
-    "opt-350m-post-norm-project-nobias": ("opt", dict(do_layer_norm_before=False, word_embed_proj_dim=32, ffn_dim=96,
-                                                      enable_bias=False, tie_word_embeddings=True), True),
-    "opt-125m-pre-norm": ("opt", dict(ffn_dim=96, tie_word_embeddings=True), True),
-    "olmo-clip-qkv": ("olmo", dict(clip_qkv=0.5), True),
-    "helium-interleaved-gqa": ("helium", dict(attention_bias=True, mlp_bias=True), True),
-}
+CASES = MORE_CASES
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
-    model_type, overrides, _ = CASES[request.param]
-    root = tmp_path_factory.mktemp(request.param)
-    folder = tiny_folder(root / "hf", model_type, **overrides)
-    export(folder, ExportConfig(last_logits_variant=True), root / "bundle")
-    return request.param, folder, root / "bundle"
+    return (request.param, *family_bundle(request.param, tmp_path_factory))
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """``gptedge quantize`` fp16 / int8 (static) / int8-dynamic / int4 on the HF families whose graphs
 differ most from Llama's (soft-capping, fused projections, q/k norms, partial rotary with a parallel
-residual, biases with LayerNorm, multipliers, post-norms), reusing the one export per family that
-test_hf_families.py makes: each quantized bundle loads and generates, fp16 keeps fp32's greedy
+residual, biases with LayerNorm, multipliers, post-norms, ALiBi, ReLU², interleaved rotary, post-LN),
+reusing the one export per family that the test_hf_families*.py files make: each quantized bundle loads and generates, fp16 keeps fp32's greedy
 tokens, and fp16 and int8 pass the TensorRT 10.3 lint."""
 
 from __future__ import annotations
@@ -21,7 +21,11 @@ pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow  # an export per family (shared with test_hf_families.py) and 4 quantizations
 
 FAMILIES = ["gemma2-window-softcap", "phi3-longrope-window", "qwen3-qk-norm-window", "gpt_neox-parallel",
-            "starcoder2-window", "granite-multipliers", "olmo2-post-norms"]
+            "starcoder2-window", "granite-multipliers", "olmo2-post-norms",
+            # ALiBi, per-head q/k LayerNorm, ReLU² + LayerNorm1P, interleaved partial rotary, post-LN with
+            # projections, parameter-free LayerNorm with clip_qkv
+            "falcon-new-arch-gqa-alibi", "bloom-alibi-6-heads", "cohere-qk-norm", "nemotron-relu2-partial",
+            "gptj-interleaved-partial", "opt-350m-post-norm-project-nobias", "olmo-clip-qkv"]
 MODES = {"fp16": Fp16Config(), "int8": Int8Config(calib_windows=2, calib_seq_len=32, float_search_budget=None),
          "int8-dynamic": Int8DynamicConfig(), "int4": Int4Config(block_size=32)}
 LINTED = ("fp16", "int8")  # the TensorRT precisions; int8-dynamic and int4 use onnxruntime's contrib ops

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from gptedge.quantize.config import QuantConfig, config_record
+from gptedge.quantize.config import QuantConfig, config_record, ungated_note
 from gptedge.quantize.evaluate import greedy_tokens, perplexity_of_ids
 from gptedge.quantize.graph_io import EXTERNAL_DATA_NAME, load_graphs, save_graphs_shared
 from gptedge.quantize.graph_utils import untie_linear_weights
@@ -62,7 +62,7 @@ def quantize(bundle_dir: str | os.PathLike[str], config: QuantConfig, out_dir: s
         entry: dict[str, Any] = {"step": "quantize", "config": config_record(config), **job.record}
         manifest.history.append(entry)
         if eval_ids is None:
-            log.warning("no --eval or --calib text: the quality gate is skipped for %s", out_dir)
+            log.warning("%s: %s", out_dir, ungated_note(config))
         else:
             entry["quality"] = measure(source, writer.bundle(), eval_ids, budget)
             _gate(entry["quality"])

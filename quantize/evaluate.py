@@ -116,7 +116,7 @@ def perplexity_of_ids(bundle: Bundle, ids: np.ndarray, window: int | None = None
                 for row, (b, e, first) in enumerate(part):
                     lo, hi = max(first - b - 1, begin), min(e - b - 1, begin + logits.shape[1])
                     if lo < hi:
-                        nll += _nll(logits[row, lo - begin:hi - begin], ids[b + lo + 1:b + hi + 1])
+                        nll += summed_nll(logits[row, lo - begin:hi - begin], ids[b + lo + 1:b + hi + 1])
                         count += hi - lo
     del sess
     return PerplexityResult(ppl=math.exp(nll / count), tokens=count, nll=nll)
@@ -139,7 +139,8 @@ def _chunk_logits(bundle: Bundle, sess: ort.InferenceSession, tokens: np.ndarray
         yield begin, logits.astype(np.float32, copy=False)
 
 
-def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
+def summed_nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Summed negative log-likelihood (nats, float64 log-softmax) of ``targets`` [n] under ``logits`` [n, vocab]."""
     x = logits.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)
     logp = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))

@@ -1,7 +1,7 @@
 """Peak memory of ``gptedge quantize`` per mode and per stage, as a multiple of the fp32 weight bytes.
 
     python benchmarks/quantize_memory.py BUNDLE --calib FILE --eval FILE \
-        [--modes fp16,int8-dynamic,int8,int4,int4-qdq] [--max-tokens 2048] [--stages]
+        [--modes fp16,int8-dynamic,int8,int4,int4-qdq,int8-sq] [--max-tokens 2048] [--stages]
 
 Each mode runs in a fresh child process with the CLI's defaults for that mode (quality gate on, on
 ``--eval`` capped at ``--max-tokens`` tokens, budget raised so a miss still reports memory;
@@ -9,7 +9,8 @@ calibration text for every mode that takes it). The child reports its peak RSS (
 after the imports, and (``--stages``) the peak RSS a psutil sampler (every 10 ms) saw inside each
 stage: load (bundle, texts, graphs), calibration (activation statistics), search (int8's float
 search), quantize (the rest of the mode's handler), write (graphs saved, ORT variant), gate
-(perplexity and greedy decode of source and output). Target (issue 16 item 6): peak <= 3x the
+(perplexity and greedy decode of source and output), other (between those). ``int8-sq`` is
+``int8`` with SmoothQuant 0.5, for the side by side. Target (issue 16 item 6): peak <= 3x the
 fp32 bundle's ``model.onnx.data``.
 """
 
@@ -48,7 +49,13 @@ def staged(name, fn):
             peaks[name] = max(peaks.get(name, 0), proc.memory_info().rss)
             stack.pop()
     return run
-api.load_graphs = staged("load", api.load_graphs)
+load_graphs = staged("load", api.load_graphs)
+def load_then_other(*a, **k):
+    try:
+        return load_graphs(*a, **k)
+    finally:
+        stack[-1] = "other"  # what runs between the stages below
+api.load_graphs = load_then_other
 handler_for = api.handler_for
 api.handler_for = lambda config: staged("quantize", handler_for(config))
 api._write = staged("write", api._write)
@@ -57,18 +64,20 @@ int8.collect_stats = staged("calibration", int8.collect_stats)
 int8.search = staged("search", int8.search)
 weight_only.input_mean_squares = staged("calibration", weight_only.input_mean_squares)
 configs = {"fp16": Fp16Config(), "int8-dynamic": Int8DynamicConfig(), "int8": Int8Config(),
+           "int8-sq": Int8Config(smoothquant_alpha=0.5),
            "int4": Int4Config(), "int4-qdq": Int4Config(format="qdq")}
 bundle, mode, out, calib, evaluation, max_tokens = sys.argv[1:7]
 after_import = vm("VmRSS:")
 stack.append("load")
 start = time.perf_counter()
-quantize(bundle, configs[mode], out, calib_text=calib if mode in ("int8", "int4", "int4-qdq") else None,
-         eval_text=evaluation, max_ppl_increase=1000.0, max_tokens=int(max_tokens))
+result = quantize(bundle, configs[mode], out, calib_text=calib if mode in ("int8", "int8-sq", "int4", "int4-qdq") else None,
+                  eval_text=evaluation, max_ppl_increase=1000.0, max_tokens=int(max_tokens))
 print(json.dumps({"after_import": after_import, "peak": vm("VmHWM:"), "stages": peaks,
-                  "seconds": time.perf_counter() - start}))
+                  "seconds": time.perf_counter() - start,
+                  "ppl_increase_pct": result.manifest.history[-1]["quality"]["ppl_increase_pct"]}))
 """
 
-STAGES = ("load", "calibration", "search", "quantize", "write", "gate")
+STAGES = ("load", "calibration", "search", "quantize", "write", "gate", "other")
 
 
 def measure(bundle: Path, mode: str, calib: Path, evaluation: Path, max_tokens: int) -> dict:
@@ -96,12 +105,13 @@ def main() -> None:
     weights = (args.bundle / "model.onnx.data").stat().st_size
     print(f"fp32 weights: {weights / 1e6:.0f} MB; {time.strftime('%Y-%m-%d %H:%M')}")
     stage_cols = "".join(f" {s} MB |" for s in STAGES) if args.stages else ""
-    print(f"| mode | s | imports MB | peak RSS MB | peak / fp32 weights | (peak - imports) / weights |{stage_cols}")
-    print("|---|---:|---:|---:|---:|---:|" + "---:|" * (len(STAGES) if args.stages else 0))
+    print(f"| mode | s | gate Δ ppl % | imports MB | peak RSS MB | peak / fp32 weights | (peak - imports) / weights |"
+          f"{stage_cols}")
+    print("|---|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(STAGES) if args.stages else 0))
     for mode in args.modes.split(","):
         f = measure(args.bundle, mode, args.calib, args.eval, args.max_tokens)
         cells = "".join(f" {f['stages'][s] / 1e6:,.0f} |" if s in f["stages"] else " — |" for s in STAGES)
-        print(f"| {mode} | {f['seconds']:.0f} | {f['after_import'] / 1e6:,.0f} | {f['peak'] / 1e6:,.0f} | "
+        print(f"| {mode} | {f['seconds']:.0f} | {f['ppl_increase_pct']:+.2f} | {f['after_import'] / 1e6:,.0f} | {f['peak'] / 1e6:,.0f} | "
               f"{f['ratio']:.2f}x | {f['ratio_above_imports']:.2f}x |{cells if args.stages else ''}", flush=True)
 
 

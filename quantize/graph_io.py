@@ -11,10 +11,14 @@ bundle points into one ``model.onnx.data`` and identical tensors are written onc
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnxruntime as ort
@@ -45,6 +49,24 @@ def load_graphs(bundle: Bundle) -> dict[str, onnx.ModelProto]:
         except (OSError, onnx.onnx_cpp2py_export.checker.ValidationError, ValueError) as exc:
             raise BundleError(f"{path}: cannot load the graph ({exc}); copy the whole bundle again") from exc
     return graphs
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's freed pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+    A quantization pass frees hundreds of tensor-sized buffers that glibc keeps mapped: on SmolLM2
+    int8-dynamic the process sat at 956 MB after its handler and 99 MB after a trim."""
+    global _TRIM
+    gc.collect()  # protos caught in reference cycles hold whole graphs' bytes
+    if _TRIM is None:
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
 
 
 def load_lazy(path: Path) -> onnx.ModelProto:
@@ -90,6 +112,7 @@ def session(model: onnx.ModelProto | Path, threads: int | None = None,
     # Calibration and search sessions run a few big batches: no arena that keeps their peak
     # reserved, no prepacked second copy of every weight (both measured on SmolLM2's int8 run).
     options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False  # see gptedge.quantize.evaluate.scoring_session
     options.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         options.intra_op_num_threads = threads

@@ -77,7 +77,9 @@ def _windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
 # Scoring memory: the KV cache of one batch and the logits of one chunk stay under these (bytes).
 # Full-window logits of SmolLM2's 8k context were 1.6 GB a row (10.7 GB for the gate's batch).
 _KV_BUDGET = 256 << 20
-_LOGITS_BUDGET = 64 << 20
+# 16 MB (85 positions of SmolLM2): onnxruntime's buffers grow with the chunk, most in fp16 graphs on
+# the CPU (an fp16 bundle's scoring peaked 2.8 GB above its start at 64 MB, 0.76 GB at 16 MB).
+_LOGITS_BUDGET = 16 << 20
 
 
 def scoring_session(path: os.PathLike[str], threads: int | None = None) -> ort.InferenceSession:

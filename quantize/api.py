@@ -11,9 +11,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from gptedge.quantize.config import MixedConfig, QuantConfig, config_record
+from gptedge.quantize.config import MixedConfig, QuantConfig, config_record, ungated_note
 from gptedge.quantize.evaluate import greedy_tokens, perplexity_of_ids
-from gptedge.quantize.graph_io import EXTERNAL_DATA_NAME, load_graphs, save_graphs_shared
+from gptedge.quantize.graph_io import (
+    EXTERNAL_DATA_NAME,
+    load_graphs,
+    release_freed_memory,
+    save_graphs_shared,
+)
 from gptedge.quantize.graph_utils import untie_linear_weights
 from gptedge.quantize.job import Job
 from gptedge.quantize.registry import handler_for
@@ -57,16 +62,18 @@ def quantize(bundle_dir: str | os.PathLike[str], config: QuantConfig, out_dir: s
                          "evaluation text; pass --calib FILE (and --eval FILE, else the last 10 % of --calib is held out)")
     job = Job(bundle=source, graphs=load_graphs(source), calib_ids=calib_ids, eval_ids=eval_ids)
     if config.mode != "fp16":  # fp16 may keep one shared table; quantizers/pruners rewrite weights
-        for graph in job.graphs.values():
-            untie_linear_weights(graph)
+        for role in job.graphs:  # not `for graph in ...`: the loop variable would keep a graph alive through the gate
+            untie_linear_weights(job.graphs[role])
     handler_for(config)(job, config)
+    release_freed_memory()
     with BundleWriter.create(out_dir, overwrite=overwrite) as writer:
         manifest = _write(source, job, writer)
         job.graphs.clear()  # the saved graphs' protos still hold their bytes until dropped; the gate needs room
+        release_freed_memory()
         entry: dict[str, Any] = {"step": "quantize", "config": config_record(config), **job.record}
         manifest.history.append(entry)
         if eval_ids is None:
-            log.warning("no --eval or --calib text: the quality gate is skipped for %s", out_dir)
+            log.warning("%s: %s", out_dir, ungated_note(config))
         else:
             window = (min(config.eval_window, source.manifest.architecture.max_context)
                       if isinstance(config, MixedConfig) else None)

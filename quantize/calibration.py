@@ -19,7 +19,7 @@ import onnx
 
 from gptedge.quantize.evaluate import empty_feeds
 from gptedge.quantize.graph_io import session
-from gptedge.quantize.graph_utils import float_outputs_of, linear_layers
+from gptedge.quantize.graph_utils import float_outputs_of, initializers, linear_layers
 from gptedge.runtime import contract
 from gptedge.runtime.bundle import Bundle
 
@@ -28,6 +28,7 @@ _SAMPLE_CAP = 200_000  # |x| values kept per tensor for percentile/entropy
 # of an 8k context (SmolLM2) made one batch of 4 windows hold 16k rows of every linear input plus
 # 3 GB of logits, and the calibration of a 135 M model ran out of 24 GB.
 DEFAULT_WINDOW_TOKENS = 256
+_ACTIVATION_BUDGET = 128 << 20  # bytes of linear-layer inputs one calibration run may return
 
 
 @dataclass
@@ -35,7 +36,8 @@ class ActivationStats:
     """Running statistics of one linear layer's input ``x`` [..., in].
 
     ``amax``: max |x|; ``channel_amax`` / ``channel_sqsum``: per input channel max |x| and sum of
-    squares (SmoothQuant and Wanda); ``tokens``: rows seen; ``samples``: a uniform subsample of |x|.
+    squares (SmoothQuant and Wanda); ``tokens``: rows seen; ``samples``: a uniform subsample of |x|
+    (at most ``_SAMPLE_CAP`` values, each batch represented by its share of the values seen).
     """
 
     amax: float = 0.0
@@ -43,6 +45,7 @@ class ActivationStats:
     channel_sqsum: np.ndarray | None = None
     tokens: int = 0
     samples: list[np.ndarray] = field(default_factory=list)
+    values_seen: int = 0
 
     def add(self, x: np.ndarray, rng: np.random.Generator) -> None:
         rows = np.abs(x.reshape(-1, x.shape[-1]).astype(np.float32))
@@ -55,8 +58,13 @@ class ActivationStats:
             self.channel_sqsum = self.channel_sqsum + ch_sq
         self.tokens += rows.shape[0]
         flat = rows.ravel()
-        keep = min(flat.size, _SAMPLE_CAP // 16)
-        self.samples.append(rng.choice(flat, keep, replace=False) if keep < flat.size else flat)
+        self.values_seen += flat.size
+        kept = sum(s.size for s in self.samples)
+        new = min(flat.size, round(_SAMPLE_CAP * flat.size / self.values_seen))
+        if kept + new > _SAMPLE_CAP:  # thin the old samples to their share of the values seen
+            old = np.concatenate(self.samples)
+            self.samples = [rng.choice(old, min(old.size, _SAMPLE_CAP - new), replace=False)]
+        self.samples.append(rng.choice(flat, new, replace=False) if new < flat.size else flat.copy())
 
     @property
     def amax_over_rms(self) -> float:
@@ -107,13 +115,14 @@ def entropy_threshold(values: np.ndarray, amax: float, bins: int = 2048, levels:
 
 
 def collect_stats(bundle: Bundle, model: onnx.ModelProto, ids: np.ndarray, windows: int = 16,
-                  seq_len: int | None = None, decode_steps: int = 8, batch: int = 4,
+                  seq_len: int | None = None, decode_steps: int = 8, batch: int | None = None,
                   seed: int = 0) -> dict[str, ActivationStats]:
     """weight name -> statistics of that linear layer's input over prefill + decode runs.
 
     ``ids``: calibration token ids (1-D). Windows of ``seq_len + decode_steps`` tokens are taken
     at evenly spaced offsets; ``seq_len`` defaults to half the context, at most
-    ``DEFAULT_WINDOW_TOKENS``.
+    ``DEFAULT_WINDOW_TOKENS``. ``batch``: windows per run (default: as many as keep the linear
+    inputs of one run under ``_ACTIVATION_BUDGET``, at most 4).
     """
     arch = bundle.manifest.architecture
     layers = linear_layers(model)
@@ -121,8 +130,13 @@ def collect_stats(bundle: Bundle, model: onnx.ModelProto, ids: np.ndarray, windo
     span = seq_len + decode_steps
     assert len(ids) >= span, "callers check the calibration length first"
     sess = session(float_outputs_of(model, [lin.activation for lin in layers]))
-    out_names = [contract.LOGITS, *contract.present_names(arch.num_layers), *[lin.activation for lin in layers]]
+    # no logits: the LM head's input is an output, the head itself need not run
+    out_names = [*contract.present_names(arch.num_layers), *[lin.activation for lin in layers]]
     n_present = arch.num_layers * 2
+    if batch is None:
+        inits = initializers(model)
+        widths = sum(int(inits[lin.weight].dims[0]) for lin in layers)
+        batch = max(1, min(4, _ACTIVATION_BUDGET // (span * widths * 4)))
     stats = {lin.weight: ActivationStats() for lin in layers}
     rng = np.random.default_rng(seed)
     starts = np.linspace(0, len(ids) - span, num=windows).astype(np.int64)
@@ -134,7 +148,7 @@ def collect_stats(bundle: Bundle, model: onnx.ModelProto, ids: np.ndarray, windo
                  **empty_feeds(bundle, sess, b)}
         for step in range(decode_steps + 1):
             outs = sess.run(out_names, feeds)
-            for lin, value in zip(layers, outs[1 + n_present:]):
+            for lin, value in zip(layers, outs[n_present:]):
                 stats[lin.weight].add(value, rng)
             if step == decode_steps:
                 break
@@ -142,7 +156,7 @@ def collect_stats(bundle: Bundle, model: onnx.ModelProto, ids: np.ndarray, windo
             feeds = {contract.INPUT_IDS: rows[:, pos:pos + 1],
                      contract.ATTENTION_MASK: np.ones((b, pos + 1), np.int64),
                      contract.POSITION_IDS: np.full((b, 1), pos, np.int64),
-                     **dict(zip(contract.past_names(arch.num_layers), outs[1:1 + n_present]))}
+                     **dict(zip(contract.past_names(arch.num_layers), outs[:n_present]))}
     return stats
 
 

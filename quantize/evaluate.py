@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from gptedge.quantize.graph_io import release_freed_memory
 from gptedge.quantize.text import encode, read_text, require_tokens
 from gptedge.runtime import contract
 from gptedge.runtime.backend import create_backend
@@ -76,14 +77,18 @@ def _windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
 # Scoring memory: the KV cache of one batch and the logits of one chunk stay under these (bytes).
 # Full-window logits of SmolLM2's 8k context were 1.6 GB a row (10.7 GB for the gate's batch).
 _KV_BUDGET = 256 << 20
-_LOGITS_BUDGET = 64 << 20
+# 16 MB (85 positions of SmolLM2): onnxruntime's buffers grow with the chunk, most in fp16 graphs on
+# the CPU (an fp16 bundle's scoring peaked 2.8 GB above its start at 64 MB, 0.76 GB at 16 MB).
+_LOGITS_BUDGET = 16 << 20
 
 
 def scoring_session(path: os.PathLike[str], threads: int | None = None) -> ort.InferenceSession:
     """A CPU session for scoring: no memory arena (its chunks would stay reserved after the run),
-    no MLAS prepacking (a second copy of every weight)."""
+    no memory pattern (its one planned block for a chunk's intermediates doubled the scoring peak
+    on SmolLM2: 0.96 GB instead of 1.9), no MLAS prepacking (a second copy of every weight)."""
     options = session_options(threads or physical_cores())
     options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
     options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
@@ -116,9 +121,10 @@ def perplexity_of_ids(bundle: Bundle, ids: np.ndarray, window: int | None = None
                 for row, (b, e, first) in enumerate(part):
                     lo, hi = max(first - b - 1, begin), min(e - b - 1, begin + logits.shape[1])
                     if lo < hi:
-                        nll += _nll(logits[row, lo - begin:hi - begin], ids[b + lo + 1:b + hi + 1])
+                        nll += summed_nll(logits[row, lo - begin:hi - begin], ids[b + lo + 1:b + hi + 1])
                         count += hi - lo
     del sess
+    release_freed_memory()
     return PerplexityResult(ppl=math.exp(nll / count), tokens=count, nll=nll)
 
 
@@ -136,14 +142,23 @@ def _chunk_logits(bundle: Bundle, sess: ort.InferenceSession, tokens: np.ndarray
                       contract.POSITION_IDS: np.tile(np.arange(begin, end, dtype=np.int64), (batch, 1))})
         logits, *present = sess.run(outputs, feeds)
         feeds.update(zip(contract.past_names(layers), present))
+        release_freed_memory()  # each run's intermediates differ in size (the cache grows): trim before the next
         yield begin, logits.astype(np.float32, copy=False)
 
 
-def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
-    x = logits.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    logp = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-    return float(-logp[np.arange(len(targets)), targets].sum())
+def summed_nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Summed negative log-likelihood (nats, float64 log-softmax) of ``targets`` [n] under ``logits``
+    [n, vocab], ``_NLL_ROWS`` rows at a time (a 325 x 49k chunk in float64 made 0.5 GB of temporaries)."""
+    total = 0.0
+    for begin in range(0, len(targets), _NLL_ROWS):
+        x = logits[begin:begin + _NLL_ROWS].astype(np.float64)
+        x -= x.max(axis=-1, keepdims=True)
+        picked = x[np.arange(len(x)), targets[begin:begin + _NLL_ROWS]]
+        total += float((np.log(np.exp(x).sum(axis=-1)) - picked).sum())
+    return total
+
+
+_NLL_ROWS = 32
 
 
 def greedy_tokens(bundle: Bundle, prompt: np.ndarray, steps: int) -> tuple[list[int], float]:

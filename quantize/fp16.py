@@ -13,12 +13,17 @@ logits dtype never changes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import onnx
+import onnxruntime.transformers.float16 as ort_float16
 from onnx import numpy_helper
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
 from gptedge.quantize.config import Fp16Config
+from gptedge.quantize.graph_utils import tensor_array
 from gptedge.quantize.job import Job
 from gptedge.quantize.registry import handler
 from gptedge.runtime import contract
@@ -45,14 +50,40 @@ def convert_graph(model: onnx.ModelProto, config: Fp16Config) -> onnx.ModelProto
     check_fp16_range(model)
     block_ops = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(config.keep_fp32))
     keep_nodes = rope_angle_nodes(model) + norm_statistics_nodes(model)
-    converted = convert_float_to_float16(model, keep_io_types=False, op_block_list=block_ops,
-                                         node_block_list=keep_nodes,
-                                         disable_shape_infer=model.ByteSize() > 1_800_000_000)
+    with _shapes_from_dims():
+        converted = convert_float_to_float16(model, keep_io_types=False, op_block_list=block_ops,
+                                             node_block_list=keep_nodes,
+                                             disable_shape_infer=model.ByteSize() > 1_800_000_000)
+    _convert_lazy_tensors(converted)
     fold_cast_round_trips(converted, set(block_ops), set(keep_nodes))
     _logits_back_to_fp32(converted)
     sort_graph(converted.graph)
     check_no_nonfinite(converted)
     return converted
+
+
+@contextmanager
+def _shapes_from_dims() -> Iterator[None]:
+    """Let the converter take an initializer's shape from its dims: its own helper reads the whole
+    array for it, which a lazily loaded (external) weight does not have in memory."""
+    original = ort_float16.make_value_info_from_tensor
+    ort_float16.make_value_info_from_tensor = lambda t: onnx.helper.make_tensor_value_info(
+        t.name, t.data_type, list(t.dims))
+    try:
+        yield
+    finally:
+        ort_float16.make_value_info_from_tensor = original
+
+
+def _convert_lazy_tensors(model: onnx.ModelProto) -> None:
+    """The converter marks external initializers FLOAT16 without touching their (float32) bytes,
+    which stay in the source file; read and convert them here, one tensor at a time."""
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.data_type != onnx.TensorProto.FLOAT16:
+            continue
+        tensor.data_type = onnx.TensorProto.FLOAT
+        values = ort_float16.convert_np_to_float16(tensor_array(tensor))
+        tensor.CopyFrom(numpy_helper.from_array(values.astype(np.float16), tensor.name))
 
 
 def rope_angle_nodes(model: onnx.ModelProto) -> list[str]:

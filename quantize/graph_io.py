@@ -1,14 +1,24 @@
-"""Load a bundle's graphs with their weights, save them with weights stored once, open sessions.
+"""Load a bundle's graphs without their weights, save them with weights stored once, open sessions.
 
-Saving goes through the runtime's :class:`~gptedge.runtime.onnx_io.SharedWeightsWriter`, as the
-exporter's does: every graph of a bundle points into one ``model.onnx.data`` and identical tensors
-(the weights ``model.onnx`` and ``model_last.onnx`` share) are written once.
+Graphs are loaded *lazily*: the weights stay in the source bundle's ``model.onnx.data`` and each
+external tensor's location is made absolute, so a handler reads one weight at a time
+(:func:`~gptedge.quantize.graph_utils.tensor_array`) and ``model.onnx`` and ``model_last.onnx``
+(which share every weight) cost no memory for the weights they do not change. Saving goes through
+the runtime's :class:`~gptedge.runtime.onnx_io.SharedWeightsWriter`, as the exporter's does: it
+copies the untouched tensors' bytes from the source file, one tensor at a time, every graph of a
+bundle points into one ``model.onnx.data`` and identical tensors are written once.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
+import os
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnxruntime as ort
@@ -16,23 +26,69 @@ import onnxruntime as ort
 from gptedge.runtime.bundle import Bundle
 from gptedge.runtime.bundle_writer import GRAPH_ROLES
 from gptedge.runtime.errors import BundleError
-from gptedge.runtime.onnx_io import EXTERNAL_DATA_NAME, SharedWeightsWriter
+from gptedge.runtime.onnx_io import (
+    EXTERNAL_DATA_NAME,
+    SharedWeightsWriter,
+    external_info,
+    read_external_bytes,
+)
 
 _PROTO_LIMIT = 1_800_000_000  # protobuf cannot serialize 2 GiB; bigger graphs go through a file
 
 
 def load_graphs(bundle: Bundle) -> dict[str, onnx.ModelProto]:
-    """role -> graph with its weights in memory, for the roles in :data:`GRAPH_ROLES`."""
+    """role -> graph for the roles in :data:`GRAPH_ROLES`, its weights left in the bundle's files
+    (absolute locations; see the module docstring)."""
     graphs = {}
     for role in GRAPH_ROLES:
         path = bundle.file(role) or (bundle.model_path if role == "model" else None)
         if path is None:
             continue
         try:
-            graphs[role] = onnx.load(str(path), load_external_data=True)
+            graphs[role] = load_lazy(path)
         except (OSError, onnx.onnx_cpp2py_export.checker.ValidationError, ValueError) as exc:
             raise BundleError(f"{path}: cannot load the graph ({exc}); copy the whole bundle again") from exc
     return graphs
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's freed pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+    A quantization pass frees hundreds of tensor-sized buffers that glibc keeps mapped: on SmolLM2
+    int8-dynamic the process sat at 956 MB after its handler and 99 MB after a trim."""
+    global _TRIM
+    gc.collect()  # protos caught in reference cycles hold whole graphs' bytes
+    if _TRIM is None:
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
+
+
+def load_lazy(path: Path) -> onnx.ModelProto:
+    """The graph at ``path`` without its external data, every external location made absolute."""
+    model = onnx.load(str(path), load_external_data=False)
+    folder = Path(path).parent.resolve()
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = str(folder / entry.value)
+    return model
+
+
+def load_weights(model: onnx.ModelProto) -> None:
+    """Read a lazily loaded graph's external tensors into it (for tools that need every weight in
+    the proto, such as onnxruntime's ``quantize_dynamic``)."""
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raw = read_external_bytes(tensor)
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = raw
 
 
 def save_graphs_shared(models: dict[Path, onnx.ModelProto], data_name: str = EXTERNAL_DATA_NAME) -> None:
@@ -44,24 +100,67 @@ def save_graphs_shared(models: dict[Path, onnx.ModelProto], data_name: str = EXT
             writer.save(models[path], path.name)
 
 
-def session(model: onnx.ModelProto | Path, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU InferenceSession for an in-memory graph or a file (big graphs go through a temp file)."""
+def session(model: onnx.ModelProto | Path, threads: int | None = None,
+            consume: bool = False) -> ort.InferenceSession:
+    """A CPU InferenceSession for an in-memory graph or a file. A graph with large in-memory
+    tensors or lazily loaded weights is saved to a temporary folder first (its data files linked
+    there, or copied where links cannot be made), so onnxruntime maps the weights from files
+    instead of holding a serialized copy of them; the folder lives as long as the session.
+    ``consume``: ``model`` is a throwaway, rewritten in place (see :func:`save_for_session`)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # Calibration and search sessions run a few big batches: no arena that keeps their peak
     # reserved, no prepacked second copy of every weight (both measured on SmolLM2's int8 run).
     options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False  # see gptedge.quantize.evaluate.scoring_session
     options.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         options.intra_op_num_threads = threads
     providers = ["CPUExecutionProvider"]
     if isinstance(model, Path):
         return ort.InferenceSession(str(model), options, providers=providers)
-    if model.ByteSize() < _PROTO_LIMIT:
+    lazy = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    if not lazy and model.ByteSize() < _PROTO_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "graph.onnx"
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        save_graphs_shared({path: copy})
-        return ort.InferenceSession(str(path), options, providers=providers)
+    folder = tempfile.TemporaryDirectory(prefix="gptedge-session-")
+    path = save_for_session(model, Path(folder.name), consume=consume)
+    sess = ort.InferenceSession(str(path), options, providers=providers)
+    sess.gptedge_folder = folder  # removed with the session
+    return sess
+
+
+def save_for_session(model: onnx.ModelProto, folder: Path, consume: bool = False) -> Path:
+    """Save ``model`` into ``folder`` as ``graph.onnx`` for onnxruntime (which reads external
+    data only from the graph's own folder): the files of its absolute external locations are
+    linked in, its large in-memory tensors written to ``graph.onnx.data``. ``consume``: ``model``
+    itself is rewritten (a throwaway graph: its tensors' memory is freed as they are written)."""
+    target = model
+    if not consume:
+        target = onnx.ModelProto()
+        target.CopyFrom(model)
+    linked: dict[str, str] = {}
+    with SharedWeightsWriter(folder, "graph.onnx.data") as writer:
+        for tensor in target.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                writer.externalize(tensor)
+                continue
+            location = external_info(tensor)["location"]
+            if not Path(location).is_absolute():
+                raise BundleError(f"tensor {tensor.name!r}: external data {location!r} has no folder; load "
+                                  "the graph with gptedge.quantize.graph_io.load_lazy")
+            if location not in linked:
+                linked[location] = f"weights{len(linked)}.data"
+                _link_or_copy(Path(location), folder / linked[location])
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = linked[location]
+        onnx.save_model(target, folder / "graph.onnx")
+    return folder / "graph.onnx"
+
+
+def _link_or_copy(source: Path, link: Path) -> None:
+    """A hard link (no bytes copied) where the file system allows it, else a copy."""
+    try:
+        os.link(source, link)
+    except OSError:
+        shutil.copyfile(source, link)

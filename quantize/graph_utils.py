@@ -9,6 +9,7 @@ import onnx
 from onnx import numpy_helper
 
 from gptedge.runtime.graph import GraphIndex
+from gptedge.runtime.onnx_io import external_info, read_external_bytes
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,30 @@ def untie_linear_weights(model: onnx.ModelProto) -> list[str]:
 
 
 def get_array(model: onnx.ModelProto, name: str) -> np.ndarray:
-    return numpy_helper.to_array(initializers(model)[name])
+    return tensor_array(initializers(model)[name])
+
+
+def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """The values of ``tensor``; an external one (an absolute location, see
+    :func:`gptedge.quantize.graph_io.load_graphs`) is read from its file, this tensor alone."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    info = external_info(tensor)
+    if dtype.kind in "fiub" and tensor.data_type not in _PACKED:
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        values = np.fromfile(info["location"], dtype=dtype.newbyteorder("<"), count=count,
+                             offset=int(info.get("offset", 0)))
+        return values.astype(dtype, copy=False).reshape(tuple(tensor.dims))
+    inline = onnx.TensorProto()
+    inline.CopyFrom(tensor)
+    del inline.external_data[:]
+    inline.data_location = onnx.TensorProto.DEFAULT
+    inline.raw_data = read_external_bytes(tensor)
+    return numpy_helper.to_array(inline)
+
+
+_PACKED = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.BFLOAT16)
 
 
 def set_array(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:

@@ -23,7 +23,13 @@ from onnx import helper, numpy_helper
 
 from gptedge.quantize.calibration import ActivationStats, calibration_span, collect_stats
 from gptedge.quantize.config import Int8Config
-from gptedge.quantize.graph_utils import linear_layers, opset_version, remove_initializers, set_opset
+from gptedge.quantize.graph_utils import (
+    linear_layers,
+    opset_version,
+    remove_initializers,
+    set_opset,
+    tensor_array,
+)
 from gptedge.quantize.int8_search import search
 from gptedge.quantize.job import Job
 from gptedge.quantize.registry import handler
@@ -119,7 +125,7 @@ def insert_qdq(model: onnx.ModelProto, act_scales: dict[str, float | None]) -> N
                 new_nodes += nodes
                 new_inits += tensors
                 done_acts[lin.activation] = dq_name
-            weight = numpy_helper.to_array(inits[lin.weight]).astype(np.float32)
+            weight = tensor_array(inits[lin.weight]).astype(np.float32)
             q, scale = quantize_weight(weight)
             base = lin.weight
             new_inits += [numpy_helper.from_array(q, base + "_quantized"),

@@ -18,6 +18,7 @@ import onnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from gptedge.quantize.config import Int8DynamicConfig
+from gptedge.quantize.graph_io import load_weights
 from gptedge.quantize.graph_utils import linear_layers
 from gptedge.quantize.int4 import fitted_block
 from gptedge.quantize.job import Job
@@ -45,6 +46,7 @@ def to_int8_dynamic(job: Job, config: Int8DynamicConfig) -> None:
 
 def quantize_graph(model: onnx.ModelProto, config: Int8DynamicConfig) -> onnx.ModelProto:
     layers = linear_layers(model)
+    load_weights(model)  # quantize_dynamic reads the weights from the proto
     root = logging.getLogger()
     level = root.level
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,7 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from gptedge.quantize.graph_io import session
-from gptedge.quantize.graph_utils import linear_layers
+from gptedge.quantize.graph_utils import linear_layers, tensor_array
 from gptedge.quantize.switch import Scorer, fewest_kept, pct, source_nll, windows_of
 from gptedge.runtime import contract
 from gptedge.runtime.bundle import Bundle
@@ -67,7 +67,7 @@ def search_graph(model: onnx.ModelProto, act_scales: dict[str, float]) -> tuple[
                               [o for o in model.graph.output if o.name == contract.LOGITS])
     for init in model.graph.initializer:
         if init.name in weights:
-            graph.initializer.append(numpy_helper.from_array(fake_weight(numpy_helper.to_array(init)), init.name))
+            graph.initializer.append(numpy_helper.from_array(fake_weight(tensor_array(init)), init.name))
         else:
             graph.initializer.append(init)
     slots: dict[str, int] = {}
@@ -115,7 +115,7 @@ def search(bundle: Bundle, model: onnx.ModelProto, act_scales: dict[str, float],
     judge_base = source_nll(bundle, judge) if judge is not None else 0.0  # before the search session exists
     graph, order = search_graph(model, act_scales)
     seq_len = min(seq_len, len(ids), bundle.manifest.architecture.max_context)
-    sess = session(graph)
+    sess = session(graph, consume=True)
     del graph
     scorer = Scorer(bundle, sess, windows_of(ids, seq_len, windows), MASK)
     n = len(order)

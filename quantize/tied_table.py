@@ -27,7 +27,7 @@ from onnx import helper, numpy_helper
 
 from gptedge.quantize.block_writers import MS_DOMAIN, replace_with_matmulnbits
 from gptedge.quantize.blockquant import Blocks, symmetric_rows
-from gptedge.quantize.graph_utils import Linear, remove_initializers
+from gptedge.quantize.graph_utils import Linear, remove_initializers, tensor_array
 from gptedge.runtime.graph import GraphIndex
 
 
@@ -92,7 +92,7 @@ def tie_qdq(model: onnx.ModelProto, head: Linear, table: tuple[np.ndarray, np.nd
     pair already computed for another graph of the bundle. Returns it."""
     inits = {init.name: init for init in model.graph.initializer}
     if table is None:
-        table = symmetric_rows(numpy_helper.to_array(inits[head.weight]).astype(np.float32), axis=1)
+        table = symmetric_rows(tensor_array(inits[head.weight]).astype(np.float32), axis=1)
     q, scale = table
     name = head.weight
     model.graph.initializer.extend([numpy_helper.from_array(q, f"{name}_int8"),

@@ -38,10 +38,19 @@ class SharedWeightsWriter:
         return path
 
     def externalize(self, tensor: onnx.TensorProto) -> None:
-        """Move a large ``tensor``'s bytes to the shared file (small or external ones are left)."""
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor_nbytes(tensor) <= INLINE_LIMIT:
+        """Move a large ``tensor``'s bytes to the shared file (small ones are left). An external
+        tensor whose location is an absolute path (a graph loaded lazily from another folder, see
+        ``gptedge.quantize.graph_io``) has its bytes copied from there; other external ones are left."""
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            if not Path(external_info(tensor).get("location", "")).is_absolute():
+                return
+            raw = read_external_bytes(tensor)
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+        elif tensor_nbytes(tensor) <= INLINE_LIMIT:
             return
-        raw = _raw_bytes(tensor)
+        else:
+            raw = _raw_bytes(tensor)
         offset, length = self.store(raw, tensor.data_type)
         if not tensor.HasField("raw_data"):
             tensor.raw_data = raw  # set_external_data insists on raw_data being present
@@ -87,6 +96,24 @@ def tensor_nbytes(tensor: onnx.TensorProto) -> int:
     if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
         return (count + 1) // 2
     return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    """A tensor's external-data entries (location, offset, length) as a dict."""
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def read_external_bytes(tensor: onnx.TensorProto, folder: Path | None = None) -> bytes:
+    """The bytes of an external ``tensor`` (its location relative to ``folder``, or absolute)."""
+    info = external_info(tensor)
+    path = Path(info["location"]) if folder is None else Path(folder) / info["location"]
+    with open(path, "rb") as file:
+        file.seek(int(info.get("offset", 0)))
+        raw = file.read(int(info.get("length", tensor_nbytes(tensor))))
+    if len(raw) != int(info.get("length", tensor_nbytes(tensor))):
+        from gptedge.runtime.errors import BundleError
+        raise BundleError(f"{path}: truncated (tensor {tensor.name!r}); copy the whole bundle folder again")
+    return raw
 
 
 def _raw_bytes(tensor: onnx.TensorProto) -> bytes:

@@ -137,8 +137,9 @@ def manifest_note(path: Path | None) -> str:
     entry = load_bundle(path).manifest.history[-1]
     notes = []
     if "int8_search" in entry:
-        notes.append(f"{len(entry['int8_search']['kept_float'])} of {len(entry['layers_quantized'])} "
-                     "linear inputs kept float")
+        search = entry["int8_search"]
+        kept = len(search["kept_float"]) + len(search.get("kept_float_by_rule", []))
+        notes.append(f"{kept} of {len(entry['layers_quantized'])} linear inputs kept float")
     if entry.get("lm_head", {}).get("tied_table_shared"):
         notes.append("one int8 table: lookup + head")
     return "; ".join(notes)

@@ -53,6 +53,10 @@ def test_outlier_input_is_kept_float_and_recorded(outlier_bundle, tmp_path):
     assert kept[0]["weight"] == LINEAR
     assert kept[0]["amax_over_rms"] > 10 and kept[0]["sensitivity_pct"] > 2.0
     assert len(kept) <= 3  # the rest of the model still runs int8 activations
+    # SwiGLU down inputs stay float by rule (int8.ALWAYS_FLOAT), recorded apart from the search's picks
+    downs = {w for w in entry["layers_quantized"] if ".mlp.down." in w}
+    assert downs and downs == {k["weight"] for k in kept if ".mlp.down." in k["weight"]} | set(
+        entry["int8_search"]["kept_float_by_rule"])
     assert entry["quality"]["ppl_increase_pct"] <= 2.0
     model = onnx.load(str(out.model_path))
     gate_up = next(n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] == LINEAR + "_dequantized")

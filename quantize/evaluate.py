@@ -128,6 +128,9 @@ def perplexity_of_ids(bundle: Bundle, ids: np.ndarray, window: int | None = None
     return PerplexityResult(ppl=math.exp(nll / count), tokens=count, nll=nll)
 
 
+_TRIM_BYTES = 8 << 20  # smaller runs leave little to hand back, and a trim per step costs time
+
+
 def _chunk_logits(bundle: Bundle, sess: ort.InferenceSession, tokens: np.ndarray, chunk: int):
     """Yield (first position, logits [B, chunk, V]) of ``tokens`` [B, S], run ``chunk`` at a time
     from an empty cache."""
@@ -142,7 +145,8 @@ def _chunk_logits(bundle: Bundle, sess: ort.InferenceSession, tokens: np.ndarray
                       contract.POSITION_IDS: np.tile(np.arange(begin, end, dtype=np.int64), (batch, 1))})
         logits, *present = sess.run(outputs, feeds)
         feeds.update(zip(contract.past_names(layers), present))
-        release_freed_memory()  # each run's intermediates differ in size (the cache grows): trim before the next
+        if logits.nbytes >= _TRIM_BYTES:  # each run's intermediates differ in size (the cache grows): trim before the next
+            release_freed_memory(collect=False)
         yield begin, logits.astype(np.float32, copy=False)
 
 

@@ -51,12 +51,14 @@ def load_graphs(bundle: Bundle) -> dict[str, onnx.ModelProto]:
     return graphs
 
 
-def release_freed_memory() -> None:
+def release_freed_memory(collect: bool = True) -> None:
     """Hand the C heap's freed pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
     A quantization pass frees hundreds of tensor-sized buffers that glibc keeps mapped: on SmolLM2
-    int8-dynamic the process sat at 956 MB after its handler and 99 MB after a trim."""
+    int8-dynamic the process sat at 956 MB after its handler and 99 MB after a trim. ``collect``:
+    run the garbage collector first (slow in a big process: not for per-step calls)."""
     global _TRIM
-    gc.collect()  # protos caught in reference cycles hold whole graphs' bytes
+    if collect:
+        gc.collect()  # protos caught in reference cycles hold whole graphs' bytes
     if _TRIM is None:
         try:
             _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim

@@ -21,7 +21,7 @@ def _whole_windows(bundle, ids: np.ndarray, window: int) -> float:
         for begin in range(0, len(ids) - 1, window):
             tokens = ids[begin:begin + window][None, :]
             logits = backend.full_logits(tokens, np.ones_like(tokens), np.arange(tokens.shape[1])[None, :])
-            nll += evaluate._nll(logits[0, :-1], tokens[0, 1:])
+            nll += evaluate.summed_nll(logits[0, :-1], tokens[0, 1:])
             count += tokens.shape[1] - 1
     return math.exp(nll / count)
 

@@ -51,7 +51,7 @@ def test_a_weight_off_by_a_thousandth_fails(bundle_factory, tmp_path):
 
 
 def test_swapped_rope_halves_fail(bundle_factory, tmp_path, monkeypatch):
-    def swapped_rotate_half(x: torch.Tensor) -> torch.Tensor:
+    def swapped_rotate_half(x: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
         half = x.shape[-1] // 2
         return torch.cat((x[..., half:], -x[..., :half]), dim=-1)
 

@@ -15,11 +15,11 @@ from gptedge.exporter.chat_template import TEMPLATE_NAME, template_tokenizer_inf
 from gptedge.exporter.checkpoints import LoadedCheckpoint
 from gptedge.exporter.checkpoints.detect import load_checkpoint
 from gptedge.exporter.config import ExportConfig
-from gptedge.exporter.memory import release_freed_memory
 from gptedge.exporter.model import Decoder
 from gptedge.exporter.onnx_export import last_position_graph, trace_to_onnx
 from gptedge.exporter.preflight import preflight
 from gptedge.exporter.stages import stage
+from gptedge.quantize.graph_io import release_freed_memory
 from gptedge.runtime import contract
 from gptedge.runtime.bundle import MODEL_NAME, Bundle, Manifest, check_output_dir, load_bundle
 from gptedge.runtime.bundle_writer import LAST_MODEL_NAME, BundleWriter, source_role, tokenizer_role

@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from gptedge.exporter.memory import release_freed_memory
+from gptedge.quantize.graph_io import release_freed_memory
 from gptedge.runtime import contract
 from gptedge.runtime.bundle import MODEL_NAME, Architecture
 from gptedge.runtime.errors import ParityError

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
 import shutil
@@ -53,22 +54,25 @@ def load_graphs(bundle: Bundle) -> dict[str, onnx.ModelProto]:
 
 def release_freed_memory(collect: bool = True) -> None:
     """Hand the C heap's freed pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
-    A quantization pass frees hundreds of tensor-sized buffers that glibc keeps mapped: on SmolLM2
-    int8-dynamic the process sat at 956 MB after its handler and 99 MB after a trim. ``collect``:
-    run the garbage collector first (slow in a big process: not for per-step calls)."""
-    global _TRIM
+    glibc keeps what many few-MB arrays free once its mmap threshold has risen past their size, so
+    RSS stays near its peak and each later stage (a gate, parity, a child interpreter) stacks on
+    top: on SmolLM2 int8-dynamic the process sat at 956 MB after its handler and 99 MB after a trim.
+    ``collect``: run the garbage collector first (slow in a big process: not for per-step calls).
+    Shared by the exporter's stages."""
     if collect:
         gc.collect()  # protos caught in reference cycles hold whole graphs' bytes
-    if _TRIM is None:
-        try:
-            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_TRIM: Any = None
+@functools.cache
+def _malloc_trim() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to call
+        return None
 
 
 def load_lazy(path: Path) -> onnx.ModelProto:

@@ -1,7 +1,7 @@
 """Tiny random models of every HF family the decoder maps (2 layers, 64 wide, GQA, random norm weights
 and biases, a sliding window shorter than the test prompts where the family has one), and their
 bundles exported once per test session: test_hf_families.py checks them against transformers,
-test_quantize_families.py quantizes the same bundles."""
+test_quantize_families.py quantizes the same bundles, test_hf_clients.py runs them in Optimum."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def tiny_folder(path: Path, model_type: str, **overrides) -> Path:
 
 
 
-# test_hf_families_more.py's cases: GPT-J, CodeGen, OPT, OLMo, Helium
+# more cases: GPT-J, CodeGen, OPT, OLMo, Helium
 MORE_CASES: dict[str, tuple[str, dict, bool]] = {
     "gptj-interleaved-partial": ("gptj", dict(rotary_dim=8), False),
     # 8 heads: two per mp_num block, so the block layout of the fused qkv_proj is exercised
@@ -102,7 +102,7 @@ MORE_CASES: dict[str, tuple[str, dict, bool]] = {
 }
 
 FALCON = dict(head_dim=OMIT, ffn_hidden_size=96)
-# test_hf_families_alibi.py's cases: Falcon, BLOOM, Cohere, Nemotron
+# ALiBi and fused-QKV cases: Falcon, BLOOM, Cohere, Nemotron
 ALIBI_CASES: dict[str, tuple[str, dict, bool]] = {
     "falcon-mqa-parallel-rope": ("falcon", dict(FALCON, multi_query=True, parallel_attn=True, bias=False), True),
     "falcon-mha-sequential-alibi-bias": ("falcon", dict(FALCON, multi_query=False, parallel_attn=False, alibi=True,

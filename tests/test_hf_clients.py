@@ -16,7 +16,7 @@ NEW_TOKENS = 10
 # num_attention_heads for model types outside its GQA list, and these tiny models use GQA, so ORT
 # refuses past_key_values.*.key's shape (a limit of Optimum's decoder class, not of the bundle); olmo
 # too. Falcon with ALiBi: the reference here is transformers' eager attention, which adds ALiBi twice
-# (test_hf_families_alibi.py compares with sdpa instead).
+# (test_hf_families.py compares with sdpa instead).
 # mistral and qwen2 take llama's path through Optimum (ran by hand, left out to keep CI lean).
 OPTIMUM_FAMILIES = ["qwen3-qk-norm-window", "gemma", "gemma3-window-local-rope", "smollm3-nope-window",
                     "stablelm-partial", "gpt_bigcode-mqa", "gpt_neox-parallel", "granite-multipliers",

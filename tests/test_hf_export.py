@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,6 +16,7 @@ from hf_folders import CONTEXT, exported, gpt2_config, llama_config, small_token
 
 from gptedge.exporter import ExportConfig, export
 from gptedge.exporter.checkpoints.hf import load_hf
+from gptedge.exporter.checkpoints.hf_config import architecture_from_config
 from gptedge.exporter.model import empty_past
 from gptedge.exporter.pipeline import build_decoder
 from gptedge.exporter.validate import parity_inputs
@@ -229,3 +231,15 @@ def test_without_transformers_the_decoder_is_the_reference(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "True gptedge decoder (transformers not installed)"
     assert "transformers is not installed" in result.stderr
+
+
+def test_opt_switches_map_from_config():
+    """OPT's optional keys reach the architecture (config only: transformers 4.57 cannot build an OPT
+    with ``layer_norm_elementwise_affine: false``, its ``_init_weights`` fills the absent weight)."""
+    cfg = dict(model_type="opt", vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               ffn_dim=96, max_position_embeddings=64, enable_bias=False, layer_norm_elementwise_affine=False,
+               do_layer_norm_before=True, _remove_final_layer_norm=True, activation_function="gelu")
+    arch = architecture_from_config(cfg, Path("config.json"))
+    assert (arch.qkv_bias, arch.attn_out_bias, arch.mlp_bias) == (False, False, False)
+    assert (arch.norm_affine, arch.final_norm, arch.norm_placement) == (False, False, "pre")
+    assert arch.activation == "gelu" and arch.embed_proj_dim is None

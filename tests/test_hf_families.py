@@ -1,7 +1,15 @@
 """Every HF family and mechanism the decoder maps, on a tiny random model of each (2 layers, 64 wide,
 GQA, random norm weights and biases, a sliding window shorter than the prompt where the family has
-one): the export's parity with transformers, greedy tokens equal to transformers' ``generate`` over
-a prompt longer than the window, batch == single, the ORT variant where it applies, TRT 10.3 lint."""
+one; the cases of hf_family_models.py): the export's parity with transformers, greedy tokens equal to
+transformers' ``generate`` over a prompt longer than the window, batch (left-padded) == single,
+whether ``model_ort.onnx`` is written (never for ALiBi: GroupQueryAttention takes no position bias),
+TRT 10.3 lint.
+
+The mechanisms beyond Llama's: sliding windows, YaRN / LongRoPE / dynamic RoPE, soft-capping, q/k
+norms, multipliers, post-norms, NoPE layers, multi-query attention, partial rotary with a parallel
+residual, GPT-J's interleaved rotary, CodeGen's ``mp_num = 4`` fused QKV, OPT's offset positions,
+post-LN and projections, OLMo's parameter-free LayerNorm and ``clip_qkv``, Falcon's three fused-QKV
+layouts and ALiBi, BLOOM's embedding LayerNorm, Cohere's per-head q/k LayerNorm, Nemotron's ReLU²."""
 
 from __future__ import annotations
 
@@ -9,17 +17,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_family_models import CASES, NEW_TOKENS, PROMPT, WINDOW, family_bundle
+from hf_family_models import ALIBI_CASES, CASES, MORE_CASES, NEW_TOKENS, PROMPT, WINDOW, family_bundle
 
 from gptedge.runtime.bundle import load_bundle
 from gptedge.runtime.generate import load
+from gptedge.runtime.ort.variant import unsupported
 from gptedge.runtime.trt.lint import lint_bundle
 
 pytest.importorskip("transformers")
-pytestmark = pytest.mark.slow  # one export per family
+pytestmark = pytest.mark.slow  # one export per case
+
+ALL_CASES = {**CASES, **MORE_CASES, **ALIBI_CASES}
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
+@pytest.fixture(scope="module", params=sorted(ALL_CASES))
 def case(request, tmp_path_factory):
     return (request.param, *family_bundle(request.param, tmp_path_factory))
 
@@ -38,16 +49,21 @@ def test_export_matches_transformers_and_lints_for_trt(case):
     name, _, bundle = case
     manifest = load_bundle(bundle).manifest
     assert manifest.parity["passed"] and manifest.source["reference"] == "transformers"
-    assert ("model_ort" in manifest.files) == CASES[name][2]
+    assert ("model_ort" in manifest.files) == ALL_CASES[name][2]
     report = lint_bundle(bundle, "10.3")
     assert report.ok, [f.message for f in report.errors]
     if "window" in name:
         assert manifest.architecture.sliding_window == WINDOW
+    assert (manifest.architecture.position == "alibi") == ("alibi" in name)
+    if "alibi" in name:  # the variant is refused up front, with the reason (logged), not tried
+        assert "ALiBi" in (unsupported(manifest.architecture) or "")
 
 
 def test_greedy_tokens_equal_transformers_generate_and_batch_equals_single(case):
     name, folder, bundle = case
-    want = _hf_greedy(folder, PROMPT)
+    # transformers 4.57's eager Falcon adds ALiBi twice (in the scores and again in the mask); its
+    # sdpa path adds it once, as the original Falcon code and the bundle do (hf_falcon.py)
+    want = _hf_greedy(folder, PROMPT, "sdpa" if name.startswith("falcon") and "alibi" in name else "eager")
     assert len(set(want)) > 3  # not a degenerate loop, which would hide differences
     generator = load(bundle, backend="ort-cpu")
     try:

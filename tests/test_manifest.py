@@ -118,3 +118,20 @@ def test_family_switches_round_trip_and_bad_values_are_named():
     with pytest.raises(BundleError) as info:
         dataclasses.replace(TINY_LLAMA, **bad)
     assert all(f"{name}=" in str(info.value) for name in bad)
+
+
+def test_newer_family_switches_round_trip_and_bad_values_are_named():
+    import dataclasses
+
+    from gptedge.runtime.bundle import Architecture
+
+    switches = dict(norm="layernorm", norm_affine=False, rope_interleaved=True, final_norm=False, embed_proj_dim=16,
+                    qkv_clip=8.0, activation="relu", norm_placement="post_residual")
+    arch = dataclasses.replace(TINY_LLAMA, **switches)
+    assert Architecture.from_dict(json.loads(json.dumps(arch.to_dict()))) == arch
+    bad = dict(rope_interleaved="yes", final_norm=None, embed_proj_dim=0, qkv_clip=-1.0)
+    with pytest.raises(BundleError) as info:
+        dataclasses.replace(TINY_LLAMA, **bad)
+    assert all(f"{name}=" in str(info.value) for name in bad)
+    with pytest.raises(BundleError, match="norm_affine=false needs norm='layernorm'"):
+        dataclasses.replace(TINY_LLAMA, norm_affine=False)

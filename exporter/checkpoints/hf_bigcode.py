@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gptedge.exporter.checkpoints.hf_family import Family, Rule, heads_first_qkv, refuse
+from gptedge.exporter.checkpoints.hf_family import Family, Rule, grouped_qkv, refuse
 from gptedge.exporter.checkpoints.hf_gpt2 import GPT2_ACTIVATIONS, gpt2_architecture
 from gptedge.exporter.checkpoints.hf_gpt2 import RULES as GPT2_RULES
 from gptedge.runtime.bundle import Architecture
@@ -24,7 +24,7 @@ def _architecture(cfg: dict[str, Any], where: Path, context: int) -> Architectur
 
 
 def _convert(arch: Architecture, name: str, tensor: Any) -> Any:
-    return heads_first_qkv(arch, name, tensor) if arch.num_kv_heads == arch.num_heads else tensor
+    return grouped_qkv(arch, name, tensor) if arch.num_kv_heads == arch.num_heads else tensor
 
 
 # nn.Linear weights: GPT-2's names without its Conv1D transposes

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gptedge.exporter.checkpoints.hf_family import Family, Rule, heads_first_qkv, refuse
+from gptedge.exporter.checkpoints.hf_family import Family, Rule, grouped_qkv, refuse
 from gptedge.runtime.bundle import Architecture
 
 
@@ -42,5 +42,5 @@ RULES: tuple[Rule, ...] = (
 )
 
 FAMILIES = (Family(model_types=("bloom",), required=("vocab_size", "hidden_size", "n_layer", "n_head"),
-                   architecture=_architecture, rules=RULES, prefix="transformer.", convert=heads_first_qkv,
+                   architecture=_architecture, rules=RULES, prefix="transformer.", convert=grouped_qkv,
                    context_key="seq_length"),)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gptedge.exporter.checkpoints.hf_family import Family, Rule, activation, refuse
+from gptedge.exporter.checkpoints.hf_family import Family, Rule, activation, grouped_qkv, refuse
 from gptedge.exporter.checkpoints.hf_rope import rope_scaling
 from gptedge.exporter.checkpoints.hf_starcoder2 import GELUS
 from gptedge.runtime.bundle import Architecture
@@ -61,18 +61,6 @@ def _architecture(cfg: dict[str, Any], where: Path, context: int) -> Architectur
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)))
 
 
-def _convert(arch: Architecture, name: str, tensor: Any) -> Any:
-    """The fused QKV in the decoder's [q (H), k (K), v (K)] row order. All three layouts are rows
-    [K, H/K + 2, D] (multi-query: K = 1; per head: K = H), so one reordering of heads serves them."""
-    if not name.endswith(("attn.qkv.weight", "attn.qkv.bias")):
-        return tensor
-    groups, width = arch.num_kv_heads, arch.num_heads // arch.num_kv_heads + 2
-    order = [g * width + j for g in range(groups) for j in range(width - 2)]
-    order += [g * width + width - 2 for g in range(groups)] + [g * width + width - 1 for g in range(groups)]
-    heads = tensor.reshape(groups * width, arch.head_dim, *tensor.shape[1:])
-    return heads[order].reshape(tensor.shape).contiguous()
-
-
 def reference_attention(cfg: dict[str, Any]) -> str:
     """transformers' attention code to compare with: with ALiBi its eager path (4.57) adds the bias
     twice, once in the scores and once more inside the causal mask; "sdpa" adds it once, as the
@@ -93,5 +81,5 @@ RULES: tuple[Rule, ...] = (
 )
 
 FAMILIES = (Family(model_types=("falcon",), required=REQUIRED, architecture=_architecture, rules=RULES,
-                   prefix="transformer.", convert=_convert, reference_attention=reference_attention,
+                   prefix="transformer.", convert=grouped_qkv, reference_attention=reference_attention,
                    skip=r"h\.\d+\.self_attention\.(rotary_emb\.inv_freq|maybe_rotary\.inv_freq)"),)

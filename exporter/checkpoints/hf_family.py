@@ -29,13 +29,18 @@ def unchanged(arch: Architecture, name: str, tensor: Any) -> Any:
     return tensor
 
 
-def heads_first_qkv(arch: Architecture, name: str, tensor: Any) -> Any:
-    """A fused QKV stored per head ([H, 3, D] rows: GPT-NeoX, GPTBigCode without multi-query) in the
-    decoder's [3, H, D] row order (a torch tensor; this module itself stays torch-free)."""
+def grouped_qkv(arch: Architecture, name: str, tensor: Any) -> Any:
+    """A fused QKV stored in groups, one per kv head, of rows [K, H/K + 2, D] (the group's query
+    heads, then its key and value head; K = H is the per-head [H, 3, D] layout of GPT-NeoX, BLOOM and
+    GPTBigCode without multi-query; Falcon stores all three of its layouts so) in the decoder's
+    [q (H), k (K), v (K)] row order (a torch tensor; this module itself stays torch-free)."""
     if not name.endswith(("attn.qkv.weight", "attn.qkv.bias")):
         return tensor
-    per_head = tensor.reshape(arch.num_heads, 3, arch.head_dim, *tensor.shape[1:])
-    return per_head.transpose(0, 1).reshape(tensor.shape).contiguous()
+    groups, width = arch.num_kv_heads, arch.num_heads // arch.num_kv_heads + 2
+    order = [g * width + j for g in range(groups) for j in range(width - 2)]
+    order += [g * width + width - 2 for g in range(groups)] + [g * width + width - 1 for g in range(groups)]
+    heads = tensor.reshape(groups * width, arch.head_dim, *tensor.shape[1:])
+    return heads[order].reshape(tensor.shape).contiguous()
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gptedge.exporter.checkpoints.hf_family import Family, Rule, activation, heads_first_qkv, llama_sizes
+from gptedge.exporter.checkpoints.hf_family import Family, Rule, activation, grouped_qkv, llama_sizes
 from gptedge.exporter.checkpoints.hf_llama import REQUIRED
 from gptedge.exporter.checkpoints.hf_phi import rotary_dim
 from gptedge.exporter.checkpoints.hf_rope import rope_scaling
@@ -42,6 +42,6 @@ RULES: tuple[Rule, ...] = (
 )
 
 FAMILIES = (Family(model_types=("gpt_neox",), required=REQUIRED, architecture=_architecture, rules=RULES,
-                   prefix="gpt_neox.", convert=heads_first_qkv,
+                   prefix="gpt_neox.", convert=grouped_qkv,
                    # causal-mask buffers and cached rotary tables of older checkpoints
                    skip=r"layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)"),)

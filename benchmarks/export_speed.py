@@ -7,7 +7,9 @@
 
 Each source becomes an HF folder (transformers, the dev extra): SmolLM2 through transformers' own
 GGUF loading of ../shared/data/smollm2-135m-instruct, the others from their config with random
-weights. Both exporters then run in child processes one after the other on the same folder, with
+weights; the random 1.1 B Llama gets GPT-2's byte-level BPE cut to its 32,000 ids (from
+../shared/data/gpt2-tokenizer, when there) so its bundle can be calibrated and evaluated on text
+(issue 16's 1.1 B int4 run: benchmarks/quantize_memory.py). Both exporters then run in child processes one after the other on the same folder, with
 their defaults (gptedge: parity check and model_ort.onnx included; Optimum: its own validation),
 and the table reports wall seconds, peak RSS and RSS as a multiple of the fp32 weight bytes.
 """
@@ -27,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 SMOLLM2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "smollm2-135m-instruct"
+GPT2_TOKENIZER = SMOLLM2.parent / "gpt2-tokenizer" / "tokenizer.json"
 TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
@@ -50,10 +53,27 @@ def make_hf_folder(name: str, folder: Path) -> int:
         model = model.to_empty(device="cpu")
         for param in model.parameters():
             torch.nn.init.normal_(param, std=0.02)
+        if GPT2_TOKENIZER.is_file():
+            cut_tokenizer(GPT2_TOKENIZER, TINYLLAMA["vocab_size"], folder / "tokenizer.json")
     else:
         model = GPT2LMHeadModel(GPT2Config())
     model.save_pretrained(folder)
     return sum(p.numel() * 4 for p in model.parameters())
+
+
+def cut_tokenizer(source: Path, vocab_size: int, out: Path) -> None:
+    """A byte-level BPE keeping ``source``'s first ``vocab_size`` ids and the merges that make them
+    (GPT-2 numbers tokens in merge order, so every id stays below ``vocab_size``); no special tokens."""
+    import json
+
+    spec = json.loads(source.read_text())
+    vocab = {token: i for token, i in spec["model"]["vocab"].items() if i < vocab_size}
+    merges = [m for m in spec["model"]["merges"]
+              if "".join(m.split(" ") if isinstance(m, str) else m) in vocab]
+    spec["model"].update(vocab=vocab, merges=merges)
+    spec["added_tokens"] = []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(spec))
 
 
 def run_child(command: list[str]) -> tuple[float, int, int]:
@@ -81,7 +101,7 @@ def main() -> None:
     made = subprocess.run([sys.executable, __file__, args.source, "--make-folder", str(folder)],
                           check=True, capture_output=True, text=True)
     weight_bytes = int(made.stdout.split()[-1])
-    no_tokenizer = [] if args.source == "smollm2" else ["--no-tokenizer"]
+    no_tokenizer = [] if (folder / "tokenizer.json").is_file() else ["--no-tokenizer"]
     runs = {"gptedge export": [sys.executable, "-m", "gptedge.runtime.cli", "export", str(folder),
                                "-o", str(work / "gptedge"), "--overwrite", *no_tokenizer]}
     if not args.no_optimum:

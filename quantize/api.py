@@ -69,6 +69,7 @@ def quantize(bundle_dir: str | os.PathLike[str], config: QuantConfig, out_dir: s
     with BundleWriter.create(out_dir, overwrite=overwrite) as writer:
         manifest = _write(source, job, writer)
         job.graphs.clear()  # the saved graphs' protos still hold their bytes until dropped; the gate needs room
+        job.close()
         release_freed_memory()
         entry: dict[str, Any] = {"step": "quantize", "config": config_record(config), **job.record}
         manifest.history.append(entry)

@@ -18,9 +18,11 @@ import gc
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -170,3 +172,37 @@ def _link_or_copy(source: Path, link: Path) -> None:
         os.link(source, link)
     except OSError:
         shutil.copyfile(source, link)
+
+
+class ScratchWeights:
+    """Weights a pass rewrites (SmoothQuant's scaled norms and linear weights), kept on disk in one
+    temporary data file instead of in the graphs' protos: every graph that holds the tensor points
+    at the same bytes, so ``model.onnx`` and ``model_last.onnx`` cost one copy on disk and none in
+    memory (SmolLM2's smoothed weights held ~0.5 GB per graph before). Sessions link the file like
+    any weight file; the bundle writer copies from it. The file goes with :meth:`close`."""
+
+    _ALIGN = 4096  # page-aligned offsets, so onnxruntime can map each tensor
+
+    def __init__(self) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="gptedge-scratch-")
+        self.path = Path(self._folder.name) / "scratch.data"
+        self.path.touch()
+
+    def put(self, graphs: Iterable[onnx.ModelProto], name: str, value: np.ndarray) -> None:
+        """Store ``value`` as initializer ``name`` of every graph in ``graphs`` that has it."""
+        array = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
+        with open(self.path, "ab") as file:
+            start = file.seek(0, os.SEEK_END)
+            offset = -(-start // self._ALIGN) * self._ALIGN
+            file.write(b"\0" * (offset - start) + array.tobytes())
+        tensor = onnx.TensorProto(name=name, dims=array.shape, data_location=onnx.TensorProto.EXTERNAL,
+                                  data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+        for key, entry in (("location", str(self.path)), ("offset", str(offset)), ("length", str(array.nbytes))):
+            tensor.external_data.add(key=key, value=entry)
+        for graph in graphs:
+            for init in graph.graph.initializer:
+                if init.name == name:
+                    init.CopyFrom(tensor)
+
+    def close(self) -> None:
+        self._folder.cleanup()

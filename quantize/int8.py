@@ -60,7 +60,8 @@ def apply_int8(job: Job, config: Int8Config, judge: np.ndarray | None = None, bu
     tied = frozenset([head.weight] if head is not None and tied_lookup(job.graphs["model"], head) else [])
     if config.smoothquant_alpha is not None:  # a tied head keeps its values: they are the lookup table too
         stats = _stats(job, config, ids)
-        job.record["smoothquant_layers"] = smooth(job.graphs, stats, config.smoothquant_alpha, keep=tied)
+        job.record["smoothquant_layers"] = smooth(job.graphs, stats, config.smoothquant_alpha, job.scratch(),
+                                                   keep=tied)
     stats = _stats(job, config, ids)
     scales: dict[str, float | None] = {
         w: max(s.threshold(config.calib_method, config.percentile), 1e-8) / QMAX for w, s in stats.items()}

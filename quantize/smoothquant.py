@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 
 from gptedge.quantize.calibration import ActivationStats
-from gptedge.quantize.graph_utils import get_array, initializers, linear_layers, set_array
+from gptedge.quantize.graph_io import ScratchWeights
+from gptedge.quantize.graph_utils import get_array, initializers, linear_layers
 from gptedge.runtime.graph import GraphIndex
 
 
@@ -32,9 +33,10 @@ def norm_scale_inputs(model: onnx.ModelProto, tensor: str) -> list[str] | None:
 
 
 def smooth(graphs: dict[str, onnx.ModelProto], stats: dict[str, ActivationStats], alpha: float,
-           keep: frozenset[str] = frozenset()) -> list[str]:
+           store: ScratchWeights, keep: frozenset[str] = frozenset()) -> list[str]:
     """Apply SmoothQuant with strength ``alpha`` to every graph; returns the smoothed weight names.
-    ``keep``: weights that must keep their values (a tied LM head that is also the lookup table)."""
+    The rewritten tensors go to ``store`` (on disk, one copy for all graphs). ``keep``: weights that
+    must keep their values (a tied LM head that is also the lookup table)."""
     model = graphs["model"]
     users = GraphIndex(model.graph.node)
     groups: dict[str, list[str]] = {}
@@ -49,13 +51,9 @@ def smooth(graphs: dict[str, onnx.ModelProto], stats: dict[str, ActivationStats]
         w_max = np.maximum(np.max([np.abs(get_array(model, w)).max(axis=1) for w in weights], axis=0), 1e-5)
         s = np.clip(x_max ** alpha / w_max ** (1.0 - alpha), 1e-4, 1e4).astype(np.float32)
         plan.append((norm_inputs, weights, s))
-    for graph in graphs.values():
-        present = initializers(graph)
-        for norm_inputs, weights, s in plan:
-            for name in norm_inputs:
-                if name in present:
-                    set_array(graph, name, get_array(graph, name) / s)
-            for name in weights:
-                if name in present:
-                    set_array(graph, name, get_array(graph, name) * s[:, None])
+    for norm_inputs, weights, s in plan:  # the graphs share these tensors: computed once, stored once
+        for name in norm_inputs:
+            store.put(graphs.values(), name, get_array(model, name) / s)
+        for name in weights:
+            store.put(graphs.values(), name, get_array(model, name) * s[:, None])
     return sorted(w for _n, weights, _s in plan for w in weights)

@@ -78,3 +78,37 @@ def test_without_the_search_every_input_is_int8_and_the_outlier_costs(outlier_bu
     assert not [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in
                 {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2}]
     assert np.isfinite(entry["quality"]["ppl"])
+
+
+def test_smoothquant_keeps_the_float_function_and_its_weights_on_disk(outlier_bundle):
+    """SmoothQuant rewrites norms and weights so the float model computes the same logits; the
+    rewritten tensors live once in the scratch file (both graphs point at the same bytes), not in
+    the protos."""
+    from gptedge.quantize.calibration import collect_stats
+    from gptedge.quantize.evaluate import empty_feeds
+    from gptedge.quantize.graph_io import ScratchWeights, load_graphs, session
+    from gptedge.quantize.smoothquant import smooth
+
+    _, bundle_dir = outlier_bundle
+    bundle = load_bundle(bundle_dir)
+    ids = np.arange(4, 36, dtype=np.int64) % bundle.manifest.architecture.vocab_size
+    feeds = {"input_ids": ids[None], "attention_mask": np.ones((1, ids.size), np.int64),
+             "position_ids": np.arange(ids.size)[None]}
+
+    def logits(graph):
+        sess = session(graph)
+        return sess.run(["logits"], {**feeds, **empty_feeds(bundle, sess, 1)})[0]
+
+    graphs = load_graphs(bundle)
+    before = logits(graphs["model"])
+    stats = collect_stats(bundle, graphs["model"], np.tile(ids, 4), windows=2, seq_len=16, decode_steps=2)
+    store = ScratchWeights()
+    try:
+        smoothed = smooth(graphs, stats, 0.5, store)
+        assert LINEAR in smoothed
+        located = {role: {i.name: tuple(e.value for e in i.external_data) for i in g.graph.initializer
+                          if i.name in (NORM, LINEAR)} for role, g in graphs.items()}
+        assert located["model"] == located["model_last"] and str(store.path) in located["model"][LINEAR]
+        np.testing.assert_allclose(logits(graphs["model"]), before, rtol=1e-4, atol=1e-4)
+    finally:
+        store.close()

@@ -1,7 +1,7 @@
 """Peak memory of ``gptedge quantize`` per mode and per stage, as a multiple of the fp32 weight bytes.
 
     python benchmarks/quantize_memory.py BUNDLE --calib FILE --eval FILE \
-        [--modes fp16,int8-dynamic,int8,int4,int4-qdq,int8-sq] [--max-tokens 2048] [--stages]
+        [--modes fp16,int8-dynamic,int8,int4,int4-qdq,int8-nosq] [--max-tokens 2048] [--stages]
 
 Each mode runs in a fresh child process with the CLI's defaults for that mode (quality gate on, on
 ``--eval`` capped at ``--max-tokens`` tokens, budget raised so a miss still reports memory;
@@ -9,9 +9,9 @@ calibration text for every mode that takes it). The child reports its peak RSS (
 after the imports, and (``--stages``) the peak RSS a psutil sampler (every 10 ms) saw inside each
 stage: load (bundle, texts, graphs), calibration (activation statistics), search (int8's float
 search), quantize (the rest of the mode's handler), write (graphs saved, ORT variant), gate
-(perplexity and greedy decode of source and output), other (between those). ``int8-sq`` is
-``int8`` with SmoothQuant 0.5, for the side by side. Target (issue 16 item 6): peak <= 3x the
-fp32 bundle's ``model.onnx.data``.
+(perplexity and greedy decode of source and output), other (between those). ``int8`` is the
+default (SmoothQuant 0.5), ``int8-nosq`` the same without SmoothQuant, for the side by side.
+Target (issue 16 item 6): peak <= 3x the fp32 bundle's ``model.onnx.data``.
 """
 
 from __future__ import annotations
@@ -64,13 +64,13 @@ int8.collect_stats = staged("calibration", int8.collect_stats)
 int8.search = staged("search", int8.search)
 weight_only.input_mean_squares = staged("calibration", weight_only.input_mean_squares)
 configs = {"fp16": Fp16Config(), "int8-dynamic": Int8DynamicConfig(), "int8": Int8Config(),
-           "int8-sq": Int8Config(smoothquant_alpha=0.5),
+           "int8-nosq": Int8Config(smoothquant_alpha=None),
            "int4": Int4Config(), "int4-qdq": Int4Config(format="qdq")}
 bundle, mode, out, calib, evaluation, max_tokens = sys.argv[1:7]
 after_import = vm("VmRSS:")
 stack.append("load")
 start = time.perf_counter()
-result = quantize(bundle, configs[mode], out, calib_text=calib if mode in ("int8", "int8-sq", "int4", "int4-qdq") else None,
+result = quantize(bundle, configs[mode], out, calib_text=calib if mode in ("int8", "int8-nosq", "int4", "int4-qdq") else None,
                   eval_text=evaluation, max_ppl_increase=1000.0, max_tokens=int(max_tokens))
 print(json.dumps({"after_import": after_import, "peak": vm("VmHWM:"), "stages": peaks,
                   "seconds": time.perf_counter() - start,

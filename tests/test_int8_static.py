@@ -45,7 +45,8 @@ def outlier_bundle(tmp_path_factory):
 
 def test_outlier_input_is_kept_float_and_recorded(outlier_bundle, tmp_path):
     trained, bundle = outlier_bundle
-    config = Int8Config(calib_windows=4, float_search_budget=0.5, search_windows=2, search_seq_len=64)
+    config = Int8Config(calib_windows=4, smoothquant_alpha=None, float_search_budget=0.5, search_windows=2,
+                        search_seq_len=64)
     out = quantize(bundle, config, tmp_path / "int8", calib_text=trained.calib, eval_text=trained.eval,
                    max_ppl_increase=2.0)
     entry = out.manifest.history[-1]
@@ -68,7 +69,7 @@ def test_outlier_input_is_kept_float_and_recorded(outlier_bundle, tmp_path):
 
 def test_without_the_search_every_input_is_int8_and_the_outlier_costs(outlier_bundle, tmp_path):
     trained, bundle = outlier_bundle
-    config = Int8Config(calib_windows=4, float_search_budget=None)
+    config = Int8Config(calib_windows=4, smoothquant_alpha=None, float_search_budget=None)
     out = quantize(bundle, config, tmp_path / "int8", calib_text=trained.calib, eval_text=trained.eval,
                    max_ppl_increase=1000.0)
     entry = out.manifest.history[-1]

@@ -96,7 +96,8 @@ def test_int4_qdq_cli_prints_the_plan_and_stays_standard(sensitive, tmp_path, ca
 
 def test_int8_static_keeps_the_outlier_input_float(tmp_path_factory, tmp_path):
     trained, bundle = _rescaled(tmp_path_factory, "outlier", 1.0 / 300.0)  # an activation outlier instead
-    config = MixedConfig(Int8Config(calib_windows=4, search_seq_len=64), max_ppl_increase=1.0, search_windows=2)
+    config = MixedConfig(Int8Config(calib_windows=4, smoothquant_alpha=None, search_seq_len=64), max_ppl_increase=1.0,
+                         search_windows=2)
     out = quantize(bundle, config, tmp_path / "int8", calib_text=trained.calib, eval_text=trained.eval)
     entry = out.manifest.history[-1]
     assert entry["mixed_plan"]["kept"][0]["name"] == LINEAR

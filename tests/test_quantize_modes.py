@@ -25,7 +25,7 @@ from gptedge.runtime.bundle import load_bundle
 MODES = {
     "fp16": (Fp16Config(), 0.5),
     "int8-dynamic": (Int8DynamicConfig(block_size=128), 2.0),  # wider than this model's layers: shrinks
-    "int8": (Int8Config(calib_windows=8, float_search_budget=None), 2.0),
+    "int8": (Int8Config(calib_windows=8, smoothquant_alpha=None, float_search_budget=None), 2.0),
     "int8-smooth-entropy": (Int8Config(calib_method="entropy", smoothquant_alpha=0.5, calib_windows=8), 2.0),
     "int4": (Int4Config(block_size=32), 6.0),
     "int4-qdq": (Int4Config(block_size=32, format="qdq"), 6.0),

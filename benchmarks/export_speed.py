@@ -9,9 +9,10 @@ Each source becomes an HF folder (transformers, the dev extra): SmolLM2 through 
 GGUF loading of ../shared/data/smollm2-135m-instruct, the others from their config with random
 weights; the random 1.1 B Llama gets GPT-2's byte-level BPE cut to its 32,000 ids (from
 ../shared/data/gpt2-tokenizer, when there) so its bundle can be calibrated and evaluated on text
-(issue 16's 1.1 B int4 run: benchmarks/quantize_memory.py). Both exporters then run in child processes one after the other on the same folder, with
-their defaults (gptedge: parity check and model_ort.onnx included; Optimum: its own validation),
-and the table reports wall seconds, peak RSS and RSS as a multiple of the fp32 weight bytes.
+(issue 16's 1.1 B int4 run: benchmarks/quantize_memory.py). Both exporters then run in child
+processes one after the other on the same folder, with their defaults (gptedge: parity check and
+model_ort.onnx included; Optimum: its own validation), and the table reports wall seconds, peak RSS
+and RSS as a multiple of the fp32 weight bytes.
 """
 
 from __future__ import annotations

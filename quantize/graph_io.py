@@ -178,26 +178,24 @@ class ScratchWeights:
     """Weights a pass rewrites (SmoothQuant's scaled norms and linear weights), kept on disk in one
     temporary data file instead of in the graphs' protos: every graph that holds the tensor points
     at the same bytes, so ``model.onnx`` and ``model_last.onnx`` cost one copy on disk and none in
-    memory (SmolLM2's smoothed weights held ~0.5 GB per graph before). Sessions link the file like
-    any weight file; the bundle writer copies from it. The file goes with :meth:`close`."""
-
-    _ALIGN = 4096  # page-aligned offsets, so onnxruntime can map each tensor
+    memory (SmolLM2's smoothed weights held ~0.5 GB per graph before). The bytes go through the
+    runtime's :class:`SharedWeightsWriter` (aligned, identical tensors once); sessions link the file
+    like any weight file and the bundle writer copies from it. The file goes with :meth:`close`."""
 
     def __init__(self) -> None:
         self._folder = tempfile.TemporaryDirectory(prefix="gptedge-scratch-")
-        self.path = Path(self._folder.name) / "scratch.data"
-        self.path.touch()
+        self._writer = SharedWeightsWriter(Path(self._folder.name), "scratch.data")
+        self.path = self._writer.folder / self._writer.data_name
 
     def put(self, graphs: Iterable[onnx.ModelProto], name: str, value: np.ndarray) -> None:
         """Store ``value`` as initializer ``name`` of every graph in ``graphs`` that has it."""
         array = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
-        with open(self.path, "ab") as file:
-            start = file.seek(0, os.SEEK_END)
-            offset = -(-start // self._ALIGN) * self._ALIGN
-            file.write(b"\0" * (offset - start) + array.tobytes())
+        data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+        offset, length = self._writer.store(array.tobytes(), data_type)
+        self._writer.flush()
         tensor = onnx.TensorProto(name=name, dims=array.shape, data_location=onnx.TensorProto.EXTERNAL,
-                                  data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
-        for key, entry in (("location", str(self.path)), ("offset", str(offset)), ("length", str(array.nbytes))):
+                                  data_type=data_type)
+        for key, entry in (("location", str(self.path)), ("offset", str(offset)), ("length", str(length))):
             tensor.external_data.add(key=key, value=entry)
         for graph in graphs:
             for init in graph.graph.initializer:
@@ -205,4 +203,5 @@ class ScratchWeights:
                     init.CopyFrom(tensor)
 
     def close(self) -> None:
+        self._writer.close()
         self._folder.cleanup()

@@ -32,7 +32,7 @@ class SharedWeightsWriter:
         the graph as ``folder/name``."""
         for tensor in model.graph.initializer:
             self.externalize(tensor)
-        self._file.flush()
+        self.flush()
         path = self.folder / name
         onnx.save_model(model, path)
         return path
@@ -77,6 +77,10 @@ class SharedWeightsWriter:
             self._file.write(b"\0" * (-len(raw) % _ALIGN))
             self._written[key] = (offset, len(raw))
         return self._written[key]
+
+    def flush(self) -> None:
+        """Make the bytes stored so far readable by other readers of the file."""
+        self._file.flush()
 
     def close(self) -> None:
         self._file.close()

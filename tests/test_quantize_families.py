@@ -1,8 +1,9 @@
 """``gptedge quantize`` fp16 and int8 (static), and on four of them int8-dynamic and int4, on the HF
-families whose graphs differ most from Llama's (soft-capping, fused projections, q/k norms, partial rotary with a parallel
-residual, biases with LayerNorm, multipliers, post-norms, ALiBi, ReLU², interleaved rotary, post-LN),
-reusing the one export per family that test_hf_families.py makes: each quantized bundle loads and
-generates, fp16 keeps fp32's greedy tokens, and fp16 and int8 pass the TensorRT 10.3 lint."""
+families whose graphs differ most from Llama's (soft-capping, fused projections, q/k norms, partial
+rotary with a parallel residual, biases with LayerNorm, multipliers, post-norms, ALiBi, ReLU²,
+interleaved rotary, post-LN), reusing the one export per family that test_hf_families.py makes: each
+quantized bundle loads and generates, fp16 keeps fp32's greedy tokens, and fp16 and int8 pass the
+TensorRT 10.3 lint."""
 
 from __future__ import annotations
 
